@@ -1,0 +1,235 @@
+//! Metric names with embedded tags, and the Envoy `stats_tags` that turn them into
+//! Prometheus labels.
+//!
+//! A wasm filter can only define flat stat names, so labels are embedded Istio-style:
+//! `sluice_tokens.gen_ai_token_type=.=input;.;gen_ai_provider_name=.=openai;.;`.
+//! Envoy's tag extractors (one regex per tag name, listed by [`stats_tags_yaml`]) cut each
+//! `name=.=value;.;` group out of the name and make it a label, so Prometheus shows
+//! `sluice_tokens{gen_ai_token_type="input",gen_ai_provider_name="openai"}`.
+//! Values may contain dots (`gpt-4.1`); characters outside `[A-Za-z0-9._:/-]` become `_`.
+
+use std::collections::HashMap;
+
+/// Every tag name a sluice metric may carry. No name is a suffix of another, so each
+/// extractor regex matches only its own tag.
+pub const TAG_NAMES: &[&str] = &[
+    "gen_ai_operation_name",
+    "gen_ai_provider_name",
+    "gen_ai_request_model",
+    "gen_ai_response_model",
+    "gen_ai_token_type",
+    "sluice_filter",
+    "sluice_phase",
+    "sluice_action",
+    "sluice_rule",
+    "sluice_reason",
+    "sluice_status_class",
+    "sluice_window",
+    "sluice_user",
+    "sluice_team",
+];
+
+/// Longest value kept in a tag; longer values are cut (bounded stat-name size).
+pub const MAX_TAG_VALUE_LEN: usize = 64;
+
+/// Replace characters that would break tag extraction or Prometheus output.
+pub fn sanitize_tag_value(v: &str) -> String {
+    let mut out: String = v
+        .chars()
+        .take(MAX_TAG_VALUE_LEN)
+        .map(|c| if c.is_ascii_alphanumeric() || "._:/-".contains(c) { c } else { '_' })
+        .collect();
+    if out.is_empty() {
+        out.push_str("unknown");
+    }
+    out
+}
+
+/// The flat stat name for `base` with `tags` embedded. Tag names must come from
+/// [`TAG_NAMES`] for Envoy to extract them.
+pub fn tagged_name(base: &str, tags: &[(&str, &str)]) -> String {
+    let mut name = String::with_capacity(base.len() + tags.len() * 32);
+    name.push_str(base);
+    if !tags.is_empty() {
+        name.push('.');
+    }
+    for (k, v) in tags {
+        name.push_str(k);
+        name.push_str("=.=");
+        name.push_str(&sanitize_tag_value(v));
+        name.push_str(";.;");
+    }
+    name
+}
+
+/// The RE2 regex Envoy needs to extract `tag` (first capture group is removed from the
+/// name, second is the value). The optional leading dot covers the first tag.
+pub fn stats_tag_regex(tag: &str) -> String {
+    format!("(\\.?{tag}=\\.=(.*?);\\.;)")
+}
+
+/// The `stats_config.stats_tags` list for an Envoy bootstrap, as YAML (indented for
+/// placement under `stats_config:`).
+pub fn stats_tags_yaml() -> String {
+    let mut out = String::from("  stats_tags:\n");
+    for t in TAG_NAMES {
+        // YAML double-quoted string: each backslash doubled.
+        let re = stats_tag_regex(t).replace('\\', "\\\\");
+        out.push_str(&format!("  - {{ tag_name: {t}, regex: \"{re}\" }}\n"));
+    }
+    out
+}
+
+/// The kind of a metric, mirroring proxy-wasm's metric types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MetricKind {
+    /// Monotonic counter.
+    Counter,
+    /// Up/down gauge.
+    Gauge,
+    /// Histogram of recorded values.
+    Histogram,
+}
+
+/// Per-VM cache of metric ids, so `define_metric` runs once per distinct name.
+/// Bounded: past `max_names` distinct names, new names fold into `overflow_name`.
+#[derive(Debug, Default)]
+pub struct MetricIds {
+    ids: HashMap<String, u32>,
+    max_names: usize,
+}
+
+impl MetricIds {
+    /// A cache holding at most `max_names` distinct names.
+    pub fn new(max_names: usize) -> Self {
+        Self { ids: HashMap::new(), max_names }
+    }
+
+    /// The cached id for `name`, defining it through `define` on first use.
+    /// Returns `None` when the host refused or the cache is full.
+    pub fn get_or_define(&mut self, name: &str, define: impl FnOnce(&str) -> Option<u32>) -> Option<u32> {
+        if let Some(id) = self.ids.get(name) {
+            return Some(*id);
+        }
+        if self.ids.len() >= self.max_names {
+            return None;
+        }
+        let id = define(name)?;
+        self.ids.insert(name.to_string(), id);
+        Some(id)
+    }
+
+    /// Number of distinct names defined.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// True when nothing is defined yet.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// Caps the distinct values one label may take (user and team labels), so a hostile caller
+/// cannot grow the stats without bound. Values past the cap are reported as `other`.
+#[derive(Debug, Default)]
+pub struct LabelCap {
+    seen: std::collections::HashSet<String>,
+    max: usize,
+}
+
+impl LabelCap {
+    /// A cap of `max` distinct values.
+    pub fn new(max: usize) -> Self {
+        Self { seen: std::collections::HashSet::new(), max }
+    }
+
+    /// The value to use for `v`: itself while under the cap or already seen, else `other`.
+    pub fn admit(&mut self, v: &str) -> String {
+        let v = sanitize_tag_value(v);
+        if self.seen.contains(&v) {
+            return v;
+        }
+        if self.seen.len() < self.max {
+            self.seen.insert(v.clone());
+            return v;
+        }
+        "other".to_string()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tagged_names() {
+        assert_eq!(
+            tagged_name("sluice_tokens", &[("gen_ai_token_type", "input"), ("gen_ai_request_model", "gpt-4.1")]),
+            "sluice_tokens.gen_ai_token_type=.=input;.;gen_ai_request_model=.=gpt-4.1;.;"
+        );
+        assert_eq!(tagged_name("sluice_requests", &[]), "sluice_requests");
+    }
+
+    #[test]
+    fn sanitizes_values() {
+        assert_eq!(sanitize_tag_value("gpt-4o mini;.;x=.=y"), "gpt-4o_mini_._x_._y");
+        assert_eq!(sanitize_tag_value(""), "unknown");
+        assert_eq!(sanitize_tag_value(&"a".repeat(500)).len(), MAX_TAG_VALUE_LEN);
+        assert_eq!(sanitize_tag_value("qwen:0.5b"), "qwen:0.5b");
+    }
+
+    #[test]
+    fn no_tag_name_is_a_suffix_of_another() {
+        for a in TAG_NAMES {
+            for b in TAG_NAMES {
+                if a != b {
+                    assert!(!b.ends_with(a), "{a} is a suffix of {b}: its extractor would match both");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn yaml_lists_every_tag() {
+        let y = stats_tags_yaml();
+        for t in TAG_NAMES {
+            assert!(y.contains(&format!("tag_name: {t},")), "{t}");
+        }
+        assert!(y.contains(r#"regex: "(\\.?gen_ai_token_type=\\.=(.*?);\\.;)""#), "{y}");
+    }
+
+    #[test]
+    fn envoy_bootstrap_carries_the_stats_tags() {
+        // envoy/stats-tags.yaml is the copy every example pastes; keep it in sync.
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../envoy/stats-tags.yaml");
+        if let Ok(text) = std::fs::read_to_string(path) {
+            assert!(text.contains(&stats_tags_yaml()), "envoy/stats-tags.yaml is out of date; regenerate with the text of stats_tags_yaml()");
+        }
+    }
+
+    #[test]
+    fn ids_are_cached_and_bounded() {
+        let mut ids = MetricIds::new(2);
+        let mut calls = 0;
+        let mut def = |_: &str| {
+            calls += 1;
+            Some(calls)
+        };
+        assert_eq!(ids.get_or_define("a", &mut def), Some(1));
+        assert_eq!(ids.get_or_define("a", &mut def), Some(1));
+        assert_eq!(ids.get_or_define("b", &mut def), Some(2));
+        assert_eq!(ids.get_or_define("c", &mut def), None);
+        assert_eq!(ids.len(), 2);
+    }
+
+    #[test]
+    fn label_cap() {
+        let mut cap = LabelCap::new(2);
+        assert_eq!(cap.admit("alice"), "alice");
+        assert_eq!(cap.admit("bob"), "bob");
+        assert_eq!(cap.admit("mallory"), "other");
+        assert_eq!(cap.admit("alice"), "alice");
+    }
+}

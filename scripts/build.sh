@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Build every filter for Envoy (release wasm32-wasip1) and the mock provider, then report
+# each .wasm size against its budget (scripts/wasm-budgets.txt). Fails above a budget.
+. "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+say "building filters (wasm32-wasip1, release) and the mock provider"
+cargo wasm
+cargo build --release -p sluice-mock-provider
+"$ROOT/scripts/wasm-sizes.sh"

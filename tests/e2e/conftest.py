@@ -1,0 +1,72 @@
+"""pytest fixtures: `gateway(...)` starts Envoy + mocks for one test and always stops them;
+logs of a failed test are kept under .work/e2e/<test>/ and printed."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from harness import WORK, Gateway, Mock, clean_workdir  # noqa: E402
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+def _workdir_for(node) -> Path:
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", node.nodeid)[-120:]
+    d = WORK / name
+    clean_workdir(d)
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture
+def workdir(request) -> Path:
+    d = _workdir_for(request.node)
+    yield d
+    failed = any(getattr(request.node, f"rep_{w}", None) and getattr(request.node, f"rep_{w}").failed
+                 for w in ("setup", "call"))
+    if failed:
+        print(f"\n[logs kept in {d}]")
+        for f in sorted(d.glob("*.log")):
+            tail = f.read_text(errors="replace").splitlines()[-30:]
+            print(f"--- {f.name} (last {len(tail)} lines) ---\n" + "\n".join(tail))
+    else:
+        clean_workdir(d)
+
+
+@pytest.fixture
+def gateway(workdir):
+    """gateway(config, mocks={port: {mock settings}}, concurrency=2, env={}, ports={cfg_port: real_port}) -> Gateway."""
+    started: list[Gateway] = []
+
+    def start(config, mocks=None, **kw) -> Gateway:
+        gw = Gateway(workdir, config, mocks=mocks, **kw)
+        started.append(gw)
+        return gw
+
+    yield start
+    for gw in started:
+        gw.stop()
+
+
+@pytest.fixture
+def mock(workdir):
+    """mock(name, **settings) -> a standalone mock provider, stopped after the test."""
+    started: list[Mock] = []
+
+    def start(name="mock", **settings) -> Mock:
+        m = Mock(workdir, name, **settings)
+        started.append(m)
+        return m
+
+    yield start
+    for m in started:
+        m.stop()

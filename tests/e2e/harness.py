@@ -1,0 +1,299 @@
+"""End-to-end harness: real Envoy 1.40 with the built .wasm filters, mock providers, real HTTP.
+
+Port conventions in every envoy.yaml under envoy/ and examples/ (the files stay valid for
+`envoy --mode validate` and runnable by hand from the repo root):
+  10000        the gateway listener
+  9901         Envoy admin
+  18000-18999  upstreams: mock providers, JWKS servers, rate-limit services...
+The harness renders a config by giving every such port a free one on 127.0.0.1 (an
+upstream port with no mock behind it stays closed: connection refused, i.e. an invalid
+host) and by making `target/...` wasm paths absolute.
+
+One line starts a gateway in a test:
+    gw = start_gateway("examples/traffic-shift/envoy.yaml", mocks={18001: {"model": "a"}})
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = ROOT / ".venv" / "bin"
+ENVOY = Path(os.environ.get("SLUICE_ENVOY", VENV_BIN / "envoy"))
+WASM_DIR = ROOT / "target" / "wasm32-wasip1" / "release"
+MOCK_BIN = ROOT / "target" / "release" / "sluice-mock-provider"
+WORK = ROOT / ".work" / "e2e"
+
+LISTENER_PORT = 10000
+ADMIN_PORT = 9901
+UPSTREAM_PORTS = range(18000, 19000)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, timeout: float, what: str, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            v = pred()
+            if v:
+                return v
+        except Exception as e:  # noqa: BLE001 - polling
+            last_exc = e
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what} (last error: {last_exc})")
+
+
+def _stop(proc: subprocess.Popen | None, sig=signal.SIGTERM, grace: float = 5.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=5)
+
+
+class Mock:
+    """One mock OpenAI-compatible provider process (tests/mock-provider)."""
+
+    def __init__(self, workdir: Path, name: str, **settings: Any):
+        self.name = name
+        self.log_path = workdir / f"mock-{name}.jsonl"
+        self.stderr_path = workdir / f"mock-{name}.stderr"
+        args = [str(MOCK_BIN), "--port", "0", "--name", name, "--log", str(self.log_path)]
+        for k, v in settings.items():
+            flag = "--" + k.replace("_", "-")
+            if v is True:
+                args.append(flag)
+            elif v is False or v is None:
+                continue
+            else:
+                args += [flag, str(v)]
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=open(self.stderr_path, "wb"), text=True, start_new_session=True
+        )
+        line = self._read_line(10.0)
+        m = re.match(r"LISTENING 127\.0\.0\.1:(\d+)", line or "")
+        if not m:
+            self.stop()
+            raise RuntimeError(f"mock {name} did not start: {line!r}; see {self.stderr_path}")
+        self.port = int(m.group(1))
+        self.base = f"http://127.0.0.1:{self.port}"
+
+    def _read_line(self, timeout: float) -> str | None:
+        out: list[str] = []
+        t = threading.Thread(target=lambda: out.append(self.proc.stdout.readline()), daemon=True)
+        t.start()
+        t.join(timeout)
+        return out[0].strip() if out else None
+
+    def log(self) -> list[dict]:
+        """Every request this provider received, oldest first."""
+        return requests.get(f"{self.base}/__mock/log", timeout=5).json()
+
+    def clear_log(self) -> None:
+        requests.delete(f"{self.base}/__mock/log", timeout=5)
+
+    def configure(self, **settings: Any) -> None:
+        """Change failure injection etc. at run time (snake_case flag names)."""
+        r = requests.post(f"{self.base}/__mock/config", json=settings, timeout=5)
+        r.raise_for_status()
+
+    def models_seen(self) -> list[str | None]:
+        return [e.get("model") for e in self.log() if e["path"].endswith("/chat/completions")]
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+class Envoy:
+    """A real Envoy process running a rendered config."""
+
+    def __init__(self, workdir: Path, config_path: Path, port_map: dict[int, int], concurrency: int = 2,
+                 env: dict[str, str] | None = None, log_level: str = "warn"):
+        self.workdir = workdir
+        self.port_map = port_map
+        self.listener_port = port_map.get(LISTENER_PORT)
+        self.admin_port = port_map[ADMIN_PORT]
+        self.base = f"http://127.0.0.1:{self.listener_port}"
+        self.admin = f"http://127.0.0.1:{self.admin_port}"
+        self.rendered = workdir / f"envoy-{config_path.parent.name}.yaml"
+        self.log_path = workdir / "envoy.log"
+        self.access_log_path = workdir / "access.log"
+        self.rendered.write_text(render_config(config_path.read_text(), port_map, str(self.access_log_path)))
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [str(ENVOY), "-c", str(self.rendered), "--concurrency", str(concurrency), "--disable-hot-restart",
+             "--log-level", log_level, "--log-path", str(self.log_path)],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
+        )
+        try:
+            wait_for(self._ready, 60.0, f"Envoy ready ({self.rendered})")
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"Envoy did not become ready; log tail:\n{self.log_tail()}")
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"Envoy exited with {self.proc.returncode}:\n{self.log_tail()}")
+        r = requests.get(f"{self.admin}/ready", timeout=1)
+        if r.status_code != 200:
+            return False
+        if self.listener_port is None:
+            return True
+        with socket.create_connection(("127.0.0.1", self.listener_port), timeout=1):
+            return True
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return "(no log)"
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def stats(self, filter_re: str | None = None) -> dict[str, int]:
+        params = {"filter": filter_re} if filter_re else {}
+        text = requests.get(f"{self.admin}/stats", params=params, timeout=5).text
+        out = {}
+        for line in text.splitlines():
+            k, _, v = line.partition(": ")
+            if v.strip().lstrip("-").isdigit():
+                out[k] = int(v)
+        return out
+
+    def prometheus(self) -> str:
+        return requests.get(f"{self.admin}/stats/prometheus", timeout=5).text
+
+    def access_log(self) -> list[dict]:
+        try:
+            lines = self.access_log_path.read_text().splitlines()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+def render_config(text: str, port_map: dict[int, int], access_log: str | None = None) -> str:
+    def port(m: re.Match) -> str:
+        p = int(m.group(2))
+        return f"{m.group(1)}{port_map.get(p, p)}"
+
+    text = re.sub(r"(port_value:\s*)(\d+)", port, text)
+    # Ports inside URLs / strings, e.g. a JWKS uri "http://127.0.0.1:18101/jwks".
+    text = re.sub(r"(127\.0\.0\.1:)(\d+)", port, text)
+    text = text.replace("filename: target/", f"filename: {ROOT}/target/")
+    if access_log:
+        text = text.replace("path: /dev/stdout", f"path: {access_log}")
+    return text
+
+
+def config_ports(text: str) -> set[int]:
+    ports = {int(p) for p in re.findall(r"port_value:\s*(\d+)", text)}
+    ports |= {int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", text)}
+    return ports
+
+
+class Gateway:
+    """Envoy plus the mock providers its config points at."""
+
+    def __init__(self, workdir: Path, config: str | Path, mocks: dict[int, dict] | None = None,
+                 concurrency: int = 2, env: dict[str, str] | None = None, ports: dict[int, int] | None = None):
+        """`ports` maps config ports to servers the test runs itself (JWKS, rate-limit service...)."""
+        self.workdir = workdir
+        self.mocks: dict[int, Mock] = {}
+        self.envoy: Envoy | None = None
+        config_path = (ROOT / config) if not Path(config).is_absolute() else Path(config)
+        text = config_path.read_text()
+        try:
+            port_map: dict[int, int] = {}
+            for p in sorted(config_ports(text)):
+                settings = (mocks or {}).get(p)
+                if ports and p in ports:
+                    port_map[p] = ports[p]
+                elif settings is not None:
+                    settings = dict(settings)
+                    name = settings.pop("name", f"p{p}")
+                    mock = Mock(workdir, name, **settings)
+                    self.mocks[p] = mock
+                    port_map[p] = mock.port
+                else:
+                    port_map[p] = free_port()
+            missing = set((mocks or {})) - set(port_map)
+            if missing:
+                raise ValueError(f"mocks for ports {sorted(missing)} not used by {config}")
+            self.envoy = Envoy(workdir, config_path, port_map, concurrency=concurrency, env=env)
+        except Exception:
+            self.stop()
+            raise
+        self.base = self.envoy.base
+
+    def url(self, path: str) -> str:
+        return self.base + path
+
+    def post(self, path: str = "/v1/chat/completions", json_body: Any = None, **kw) -> requests.Response:
+        kw.setdefault("timeout", 30)
+        return requests.post(self.url(path), json=json_body, **kw)
+
+    def get(self, path: str, **kw) -> requests.Response:
+        kw.setdefault("timeout", 30)
+        return requests.get(self.url(path), **kw)
+
+    def stop(self) -> None:
+        if self.envoy:
+            self.envoy.stop()
+        for m in self.mocks.values():
+            m.stop()
+
+
+def chat(text: str = "Hello", model: str | None = None, stream: bool = False, **extra) -> dict:
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": text}]}
+    if model is not None:
+        body["model"] = model
+    if stream:
+        body["stream"] = True
+    body.update(extra)
+    return body
+
+
+def sse_events(resp: requests.Response) -> list[str]:
+    """The `data:` payloads of an SSE response, in order."""
+    out = []
+    for block in resp.text.replace("\r\n", "\n").split("\n\n"):
+        data = [line[5:].lstrip(" ") if line.startswith("data:") else None for line in block.split("\n")]
+        data = [d for d in data if d is not None]
+        if data:
+            out.append("\n".join(data))
+    return out
+
+
+def clean_workdir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
