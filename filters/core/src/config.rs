@@ -100,9 +100,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "" => return Err(format!("invalid duration {s:?}: missing unit (ms, s, m, h, d)")),
             other => return Err(format!("invalid duration {s:?}: unknown unit {other:?} (ms, s, m, h, d)")),
         };
-        let add = n
-            .checked_mul(millis_per_unit)
-            .ok_or_else(|| format!("invalid duration {s:?}: too large"))?;
+        let add = n.checked_mul(millis_per_unit).ok_or_else(|| format!("invalid duration {s:?}: too large"))?;
         total = total.checked_add(add).ok_or_else(|| format!("invalid duration {s:?}: too large"))?;
         rest = tail;
     }
@@ -154,9 +152,7 @@ pub fn validate_header_name(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("empty header name".into());
     }
-    let ok = name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.!#$%&'*+^`|~".contains(&b));
+    let ok = name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.!#$%&'*+^`|~".contains(&b));
     if ok {
         Ok(())
     } else {

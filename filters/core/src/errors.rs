@@ -37,7 +37,12 @@ impl LocalReply {
 
     /// 400 for a body that is not the JSON the filter needs.
     pub fn invalid_json(filter: &str, why: &str) -> Self {
-        Self::openai_error(400, "invalid_request_error", "invalid_json", &format!("{filter}: request body is not valid JSON: {why}"))
+        Self::openai_error(
+            400,
+            "invalid_request_error",
+            "invalid_json",
+            &format!("{filter}: request body is not valid JSON: {why}"),
+        )
     }
 
     /// 413 for a body over the filter's configured cap.
@@ -52,7 +57,12 @@ impl LocalReply {
 
     /// 500 when the filter's configuration failed to load and it fails closed.
     pub fn misconfigured(filter: &str) -> Self {
-        Self::openai_error(500, "server_error", "gateway_misconfigured", &format!("{filter}: gateway filter is misconfigured"))
+        Self::openai_error(
+            500,
+            "server_error",
+            "gateway_misconfigured",
+            &format!("{filter}: gateway filter is misconfigured"),
+        )
     }
 }
 

@@ -56,17 +56,33 @@ pub const ALL: &[KeyDoc] = &[
     KeyDoc { key: USER, written_by: "auth", meaning: "authenticated subject (JWT `sub` or API key subject)" },
     KeyDoc { key: TEAM, written_by: "auth", meaning: "caller's team" },
     KeyDoc { key: AUTH_METHOD, written_by: "auth", meaning: "`jwt`, `jwt_authn` or `api_key`" },
-    KeyDoc { key: CLAIM_PREFIX, written_by: "auth", meaning: "prefix: `sluice.claim.<name>` for each configured claim" },
-    KeyDoc { key: REQUESTED_MODEL, written_by: "first body filter", meaning: "model the client asked for (or the route default)" },
+    KeyDoc {
+        key: CLAIM_PREFIX,
+        written_by: "auth",
+        meaning: "prefix: `sluice.claim.<name>` for each configured claim",
+    },
+    KeyDoc {
+        key: REQUESTED_MODEL,
+        written_by: "first body filter",
+        meaning: "model the client asked for (or the route default)",
+    },
     KeyDoc { key: UPSTREAM_MODEL, written_by: "model-failover", meaning: "model sent upstream on the last attempt" },
-    KeyDoc { key: PROVIDER, written_by: "model-failover", meaning: "provider of the endpoint that served the last attempt" },
+    KeyDoc {
+        key: PROVIDER,
+        written_by: "model-failover",
+        meaning: "provider of the endpoint that served the last attempt",
+    },
     KeyDoc { key: RESPONSE_MODEL, written_by: "usage-metrics", meaning: "model named in the provider's response" },
     KeyDoc { key: INPUT_TOKENS, written_by: "usage-metrics", meaning: "input (prompt) tokens" },
     KeyDoc { key: OUTPUT_TOKENS, written_by: "usage-metrics", meaning: "output (completion) tokens" },
     KeyDoc { key: TOTAL_TOKENS, written_by: "usage-metrics", meaning: "total tokens" },
     KeyDoc { key: USAGE_ESTIMATED, written_by: "usage-metrics", meaning: "`true` when the counts are an estimate" },
     KeyDoc { key: TTFT_MS, written_by: "usage-metrics", meaning: "time to first response byte, ms" },
-    KeyDoc { key: RETRY_AFTER, written_by: "model-failover", meaning: "seconds the provider asked to wait after a 429" },
+    KeyDoc {
+        key: RETRY_AFTER,
+        written_by: "model-failover",
+        meaning: "seconds the provider asked to wait after a 429",
+    },
     KeyDoc { key: RATELIMIT, written_by: "token-ratelimit", meaning: "`ok` or the rule/window that refused" },
     KeyDoc { key: GUARD, written_by: "prompt-guard", meaning: "`allow`, `mask:<rule>` or `reject:<rule>`" },
 ];
@@ -79,28 +95,6 @@ pub fn claim_key(name: &str) -> String {
 /// The access-log command that prints a key: `%FILTER_STATE(wasm.KEY:PLAIN)%`.
 pub fn access_log_command(key: &str) -> String {
     format!("%FILTER_STATE(wasm.{key}:PLAIN)%")
-}
-
-#[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_are_unique_single_segments() {
-        let mut seen = std::collections::HashSet::new();
-        for k in ALL {
-            assert!(k.key.starts_with("sluice."), "{}", k.key);
-            assert!(!k.key.contains('/') && !k.key.contains(' '), "{}", k.key);
-            assert!(seen.insert(k.key), "duplicate {}", k.key);
-        }
-    }
-
-    #[test]
-    fn helpers() {
-        assert_eq!(claim_key("org"), "sluice.claim.org");
-        assert_eq!(access_log_command(USER), "%FILTER_STATE(wasm.sluice.user:PLAIN)%");
-    }
 }
 
 /// Namespace of sluice's Envoy metadata: route metadata
@@ -125,9 +119,7 @@ pub fn cluster_metadata_path(key: &str) -> [&str; 5] {
 
 /// Read a route-metadata string through a host.
 pub fn route_metadata<H: crate::host::Host + ?Sized>(host: &H, key: &str) -> Option<String> {
-    host.property(&route_metadata_path(key))
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .filter(|s| !s.is_empty())
+    host.property(&route_metadata_path(key)).map(|b| String::from_utf8_lossy(&b).into_owned()).filter(|s| !s.is_empty())
 }
 
 /// Read a filter-state string written by another sluice filter.
@@ -138,4 +130,26 @@ pub fn filter_state<H: crate::host::Host + ?Sized>(host: &H, key: &str) -> Optio
 /// Write a filter-state string for other filters and access logs.
 pub fn set_filter_state<H: crate::host::Host + ?Sized>(host: &mut H, key: &str, value: &str) {
     host.set_property(&[key], value.as_bytes());
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_unique_single_segments() {
+        let mut seen = std::collections::HashSet::new();
+        for k in ALL {
+            assert!(k.key.starts_with("sluice."), "{}", k.key);
+            assert!(!k.key.contains('/') && !k.key.contains(' '), "{}", k.key);
+            assert!(seen.insert(k.key), "duplicate {}", k.key);
+        }
+    }
+
+    #[test]
+    fn helpers() {
+        assert_eq!(claim_key("org"), "sluice.claim.org");
+        assert_eq!(access_log_command(USER), "%FILTER_STATE(wasm.sluice.user:PLAIN)%");
+    }
 }

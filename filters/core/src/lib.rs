@@ -1,6 +1,6 @@
 //! sluice-core: what several sluice filters need, in plain Rust.
 //!
-//! Nothing here calls a proxy-wasm host function except [`proxy_host`], which exists only
+//! Nothing here calls a proxy-wasm host function except `proxy_host`, which exists only
 //! on wasm32 builds; everything else is tested natively and inside a wasm runtime.
 
 pub mod config;

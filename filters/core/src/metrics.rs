@@ -205,7 +205,10 @@ mod tests {
         // envoy/stats-tags.yaml is the copy every example pastes; keep it in sync.
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../envoy/stats-tags.yaml");
         if let Ok(text) = std::fs::read_to_string(path) {
-            assert!(text.contains(&stats_tags_yaml()), "envoy/stats-tags.yaml is out of date; regenerate with the text of stats_tags_yaml()");
+            assert!(
+                text.contains(&stats_tags_yaml()),
+                "envoy/stats-tags.yaml is out of date; regenerate with the text of stats_tags_yaml()"
+            );
         }
     }
 

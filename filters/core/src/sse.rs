@@ -70,10 +70,7 @@ impl SseEvent {
 
     /// A data-only event; `\r\n` and `\r` in `data` become `\n`, `raw` is the canonical framing.
     pub fn data_event(data: &str) -> SseEvent {
-        let mut event = SseEvent {
-            data: normalize_newlines(data).into_owned(),
-            ..SseEvent::default()
-        };
+        let mut event = SseEvent { data: normalize_newlines(data).into_owned(), ..SseEvent::default() };
         event.raw = event.to_bytes();
         event
     }
@@ -203,6 +200,11 @@ impl SseParser {
     }
 
     /// Feed the next chunk; returns the events it completed, in order.
+    ///
+    /// One case waits for more input: when the blank line ending an event ends in a `\r`
+    /// that is the last byte received so far, the event is returned by the next `feed` (or
+    /// `finish`), once it is known whether a `\n` belongs to that line ending. This keeps
+    /// `raw` identical however the stream is chunked; it only delays CR-only streams.
     pub fn feed(&mut self, chunk: &[u8]) -> Vec<SseEvent> {
         let mut out = Vec::new();
         let Some((&first, after_first)) = chunk.split_first() else {
@@ -289,13 +291,7 @@ impl SseParser {
     }
 
     /// The end of a line: `line` is its last bytes (earlier ones are in `raw`).
-    fn complete_line(
-        &mut self,
-        line: &[u8],
-        terminator: &[u8],
-        cr_at_end: bool,
-        out: &mut Vec<SseEvent>,
-    ) {
+    fn complete_line(&mut self, line: &[u8], terminator: &[u8], cr_at_end: bool, out: &mut Vec<SseEvent>) {
         if self.skipping {
             let blank = !self.skip_line_nonempty && line.is_empty();
             self.skip_line_nonempty = false;
@@ -309,11 +305,7 @@ impl SseParser {
             return;
         }
         let start = self.line_start;
-        let total = self
-            .raw
-            .len()
-            .saturating_add(line.len())
-            .saturating_add(terminator.len());
+        let total = self.raw.len().saturating_add(line.len()).saturating_add(terminator.len());
         if total > self.max_event_bytes {
             let blank = self.raw.len() == start && line.is_empty();
             self.overflow(true, blank);
@@ -383,12 +375,7 @@ impl SseParser {
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 
@@ -437,9 +424,7 @@ mod tests {
         assert!(events[1].data.contains("Héllo 世界 👋"));
         assert!(events[5].is_done());
         assert!(!events[4].is_done());
-        assert!(events
-            .iter()
-            .all(|e| e.event.is_none() && e.id.is_none() && e.retry.is_none()));
+        assert!(events.iter().all(|e| e.event.is_none() && e.id.is_none() && e.retry.is_none()));
         assert!(pending.is_empty());
         assert_eq!(reassembled(&events, &pending), OPENAI_STREAM.as_bytes());
         assert_eq!(events[5].raw, b"data: [DONE]\n\n");
@@ -467,11 +452,7 @@ mod tests {
             assert_eq!(datas(&want.0), datas(&one_shot(OPENAI_STREAM.as_bytes()).0));
             for cut in 0..=input.len() {
                 let (a, b) = input.split_at(cut);
-                assert_eq!(
-                    run(&mut SseParser::new(), &[a, b]),
-                    want,
-                    "{ending:?} cut at {cut}"
-                );
+                assert_eq!(run(&mut SseParser::new(), &[a, b]), want, "{ending:?} cut at {cut}");
             }
         }
     }
@@ -501,11 +482,7 @@ mod tests {
         for (input, want) in cases {
             let (events, pending) = one_shot(input.as_bytes());
             assert_eq!(datas(&events), *want, "{input:?}");
-            assert_eq!(
-                reassembled(&events, &pending),
-                input.as_bytes(),
-                "{input:?}"
-            );
+            assert_eq!(reassembled(&events, &pending), input.as_bytes(), "{input:?}");
         }
     }
 
@@ -541,10 +518,7 @@ mod tests {
     fn multi_line_data() {
         let (events, _) = one_shot(b"data: line one\ndata:\ndata: line three\n\n");
         assert_eq!(datas(&events), ["line one\n\nline three"]);
-        assert_eq!(
-            events[0].to_bytes(),
-            b"data: line one\ndata: \ndata: line three\n\n"
-        );
+        assert_eq!(events[0].to_bytes(), b"data: line one\ndata: \ndata: line three\n\n");
     }
 
     #[test]
@@ -566,12 +540,7 @@ mod tests {
 
     #[test]
     fn fields_table() {
-        type Want = (
-            Option<&'static str>,
-            &'static str,
-            Option<&'static str>,
-            Option<u64>,
-        );
+        type Want = (Option<&'static str>, &'static str, Option<&'static str>, Option<u64>);
         let cases: &[(&str, Option<Want>)] = &[
             ("data:x\n\n", Some((None, "x", None, None))),
             ("data:  x\n\n", Some((None, " x", None, None))),
@@ -579,28 +548,16 @@ mod tests {
             ("data\n\n", Some((None, "", None, None))),
             ("data:\n\n", Some((None, "", None, None))),
             ("data: a:b: c\n\n", Some((None, "a:b: c", None, None))),
-            (
-                "event: update\ndata: x\n\n",
-                Some((Some("update"), "x", None, None)),
-            ),
-            (
-                "event: a\nevent: b\ndata: x\n\n",
-                Some((Some("b"), "x", None, None)),
-            ),
+            ("event: update\ndata: x\n\n", Some((Some("update"), "x", None, None))),
+            ("event: a\nevent: b\ndata: x\n\n", Some((Some("b"), "x", None, None))),
             ("event\ndata: x\n\n", Some((Some(""), "x", None, None))),
             ("id: 7\ndata: x\n\n", Some((None, "x", Some("7"), None))),
             ("id\ndata: x\n\n", Some((None, "x", Some(""), None))),
             ("id: a\0b\ndata: x\n\n", Some((None, "x", None, None))),
-            (
-                "retry: 3000\ndata: x\n\n",
-                Some((None, "x", None, Some(3000))),
-            ),
+            ("retry: 3000\ndata: x\n\n", Some((None, "x", None, Some(3000)))),
             ("retry: 3s\ndata: x\n\n", Some((None, "x", None, None))),
             ("retry:\ndata: x\n\n", Some((None, "x", None, None))),
-            (
-                "retry: 99999999999999999999999\ndata: x\n\n",
-                Some((None, "x", None, None)),
-            ),
+            ("retry: 99999999999999999999999\ndata: x\n\n", Some((None, "x", None, None))),
             ("foo: bar\ndata: x\n\n", Some((None, "x", None, None))),
             ("Data: x\n\n", None),
             (" data: x\n\n", None),
@@ -612,27 +569,13 @@ mod tests {
         ];
         for (input, want) in cases {
             let (events, pending) = one_shot(input.as_bytes());
-            let got: Vec<_> = events
-                .iter()
-                .map(|e| (e.event.clone(), e.data.clone(), e.id.clone(), e.retry))
-                .collect();
+            let got: Vec<_> = events.iter().map(|e| (e.event.clone(), e.data.clone(), e.id.clone(), e.retry)).collect();
             let want: Vec<_> = want
                 .iter()
-                .map(|(ev, data, id, retry)| {
-                    (
-                        ev.map(String::from),
-                        data.to_string(),
-                        id.map(String::from),
-                        *retry,
-                    )
-                })
+                .map(|(ev, data, id, retry)| (ev.map(String::from), data.to_string(), id.map(String::from), *retry))
                 .collect();
             assert_eq!(got, want, "{input:?}");
-            assert_eq!(
-                reassembled(&events, &pending),
-                input.as_bytes(),
-                "{input:?}"
-            );
+            assert_eq!(reassembled(&events, &pending), input.as_bytes(), "{input:?}");
         }
     }
 
@@ -640,16 +583,12 @@ mod tests {
     fn data_less_block_resets_event_and_id() {
         let (events, _) = one_shot(b"event: a\nid: 1\n\ndata: x\n\n");
         assert_eq!(events.len(), 1);
-        assert_eq!(
-            (events[0].event.as_deref(), events[0].id.as_deref()),
-            (None, None)
-        );
+        assert_eq!((events[0].event.as_deref(), events[0].id.as_deref()), (None, None));
     }
 
     #[test]
     fn bom_on_first_line_only() {
-        let (events, pending) =
-            one_shot(b"\xEF\xBB\xBFdata: a\n\n\xEF\xBB\xBFdata: b\n\ndata: c\n\n");
+        let (events, pending) = one_shot(b"\xEF\xBB\xBFdata: a\n\n\xEF\xBB\xBFdata: b\n\ndata: c\n\n");
         assert_eq!(datas(&events), ["a", "c"]);
         assert_eq!(events[0].raw, b"\xEF\xBB\xBFdata: a\n\n");
         assert!(pending.is_empty());
@@ -710,10 +649,7 @@ mod tests {
             assert_eq!(datas(&events), want, "size {size}");
             assert!(p.overflowed());
             assert!(pending.is_empty());
-            assert_eq!(
-                events[1].raw, b"data: b\n\n",
-                "the dropped event left nothing behind"
-            );
+            assert_eq!(events[1].raw, b"data: b\n\n", "the dropped event left nothing behind");
         }
         // Many short lines adding up over the cap, with CR endings split across chunks.
         let lines = "data: 0123456789\r".repeat(10);
@@ -756,10 +692,7 @@ mod tests {
 
     #[test]
     fn five_megabytes_in_many_chunk_sizes_is_linear() {
-        let event = format!(
-            "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
-            "y".repeat(200)
-        );
+        let event = format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n", "y".repeat(200));
         let count = 5 * 1024 * 1024 / event.len();
         let input = event.repeat(count);
         for size in [1, 7, 1000, 65536] {
@@ -795,19 +728,11 @@ mod tests {
             retry: Some(100),
             raw: Vec::new(),
         };
-        assert_eq!(
-            e.to_bytes(),
-            b"event: update\nid: 7\nretry: 100\ndata: a\ndata: b\n\n"
-        );
+        assert_eq!(e.to_bytes(), b"event: update\nid: 7\nretry: 100\ndata: a\ndata: b\n\n");
         let (back, _) = one_shot(&e.to_bytes());
         assert_eq!(back.len(), 1);
         assert_eq!(
-            (
-                back[0].event.clone(),
-                back[0].data.clone(),
-                back[0].id.clone(),
-                back[0].retry
-            ),
+            (back[0].event.clone(), back[0].data.clone(), back[0].id.clone(), back[0].retry),
             (e.event, e.data, e.id, e.retry)
         );
 
@@ -816,28 +741,15 @@ mod tests {
         assert_eq!(d.raw, b"data: x\ndata: y\ndata: z\n\n");
         assert_eq!(SseEvent::data_event("").to_bytes(), b"data: \n\n");
         assert_eq!(SseEvent::data_event(" lead").to_bytes(), b"data:  lead\n\n");
-        assert_eq!(
-            one_shot(&SseEvent::data_event(" lead").raw).0[0].data,
-            " lead"
-        );
+        assert_eq!(one_shot(&SseEvent::data_event(" lead").raw).0[0].data, " lead");
 
-        let odd = SseEvent {
-            event: Some("a\nb".into()),
-            data: "d".into(),
-            ..SseEvent::default()
-        };
+        let odd = SseEvent { event: Some("a\nb".into()), data: "d".into(), ..SseEvent::default() };
         assert_eq!(odd.to_bytes(), b"event: ab\ndata: d\n\n");
     }
 
     #[test]
     fn is_done_table() {
-        for (data, want) in [
-            ("[DONE]", true),
-            (" [DONE] ", true),
-            ("[done]", false),
-            ("{}", false),
-            ("", false),
-        ] {
+        for (data, want) in [("[DONE]", true), (" [DONE] ", true), ("[done]", false), ("{}", false), ("", false)] {
             assert_eq!(SseEvent::data_event(data).is_done(), want, "{data:?}");
         }
     }

@@ -34,10 +34,7 @@ pub fn usage_from_json(body: &[u8]) -> Option<TokenUsage> {
 pub fn usage_from_value(v: &Value) -> Option<TokenUsage> {
     let usage = v.as_object()?;
     let count = |names: &[&str]| -> Result<Option<u64>, ()> {
-        match names
-            .iter()
-            .find_map(|name| usage.get(*name).filter(|v| !v.is_null()))
-        {
+        match names.iter().find_map(|name| usage.get(*name).filter(|v| !v.is_null())) {
             None => Ok(None),
             Some(v) => v.as_u64().map(Some).ok_or(()),
         }
@@ -50,12 +47,7 @@ pub fn usage_from_value(v: &Value) -> Option<TokenUsage> {
     }
     let input = input.unwrap_or(0);
     let output = output.unwrap_or(0);
-    Some(TokenUsage {
-        input,
-        output,
-        total: total.unwrap_or_else(|| input.saturating_add(output)),
-        estimated: false,
-    })
+    Some(TokenUsage { input, output, total: total.unwrap_or_else(|| input.saturating_add(output)), estimated: false })
 }
 
 /// What one stream event was, as far as usage accounting cares.
@@ -107,9 +99,7 @@ impl StreamUsage {
         }
         let choices = chunk.get("choices").and_then(Value::as_array);
         for choice in choices.into_iter().flatten() {
-            self.output_bytes = self
-                .output_bytes
-                .saturating_add(delta_text_len(choice.get("delta")));
+            self.output_bytes = self.output_bytes.saturating_add(delta_text_len(choice.get("delta")));
         }
         match choices {
             Some(choices) if !choices.is_empty() => Observed::Content,
@@ -125,8 +115,7 @@ impl StreamUsage {
 
     /// The provider's usage if seen, else an estimate from `prompt_bytes` and the output seen.
     pub fn usage_or_estimate(&self, prompt_bytes: usize) -> TokenUsage {
-        self.usage
-            .unwrap_or_else(|| estimate_usage(prompt_bytes, self.output_bytes))
+        self.usage.unwrap_or_else(|| estimate_usage(prompt_bytes, self.output_bytes))
     }
 
     /// The `model` of the first chunk that named one.
@@ -179,32 +168,17 @@ pub fn estimate_tokens_from_bytes(bytes: usize) -> u64 {
 pub fn estimate_usage(prompt_bytes: usize, output_bytes: usize) -> TokenUsage {
     let input = estimate_tokens_from_bytes(prompt_bytes);
     let output = estimate_tokens_from_bytes(output_bytes);
-    TokenUsage {
-        input,
-        output,
-        total: input.saturating_add(output),
-        estimated: true,
-    }
+    TokenUsage { input, output, total: input.saturating_add(output), estimated: true }
 }
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use serde_json::json;
 
     fn real(input: u64, output: u64, total: u64) -> Option<TokenUsage> {
-        Some(TokenUsage {
-            input,
-            output,
-            total,
-            estimated: false,
-        })
+        Some(TokenUsage { input, output, total, estimated: false })
     }
 
     fn chunk(v: Value) -> SseEvent {
@@ -214,61 +188,28 @@ mod tests {
     #[test]
     fn usage_from_value_table() {
         let cases = [
-            (
-                json!({"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}),
-                real(9, 12, 21),
-            ),
-            (
-                json!({"prompt_tokens": 9, "completion_tokens": 12}),
-                real(9, 12, 21),
-            ),
-            (
-                json!({"input_tokens": 5, "output_tokens": 7}),
-                real(5, 7, 12),
-            ),
+            (json!({"prompt_tokens": 9, "completion_tokens": 12, "total_tokens": 21}), real(9, 12, 21)),
+            (json!({"prompt_tokens": 9, "completion_tokens": 12}), real(9, 12, 21)),
+            (json!({"input_tokens": 5, "output_tokens": 7}), real(5, 7, 12)),
             (
                 json!({"input_tokens": 5, "output_tokens": 7, "total_tokens": 12,
                     "input_tokens_details": {"cached_tokens": 0}}),
                 real(5, 7, 12),
             ),
-            (
-                json!({"prompt_tokens": 4, "total_tokens": 4}),
-                real(4, 0, 4),
-            ),
+            (json!({"prompt_tokens": 4, "total_tokens": 4}), real(4, 0, 4)),
             (json!({"output_tokens": 3}), real(0, 3, 3)),
-            (
-                json!({"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 10}),
-                real(1, 2, 10),
-            ),
-            (
-                json!({"prompt_tokens": null, "input_tokens": 2, "output_tokens": 1}),
-                real(2, 1, 3),
-            ),
-            (
-                json!({"prompt_tokens": 1, "completion_tokens": null}),
-                real(1, 0, 1),
-            ),
-            (
-                json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}),
-                real(0, 0, 0),
-            ),
-            (
-                json!({"prompt_tokens": u64::MAX, "completion_tokens": 1}),
-                real(u64::MAX, 1, u64::MAX),
-            ),
+            (json!({"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 10}), real(1, 2, 10)),
+            (json!({"prompt_tokens": null, "input_tokens": 2, "output_tokens": 1}), real(2, 1, 3)),
+            (json!({"prompt_tokens": 1, "completion_tokens": null}), real(1, 0, 1)),
+            (json!({"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}), real(0, 0, 0)),
+            (json!({"prompt_tokens": u64::MAX, "completion_tokens": 1}), real(u64::MAX, 1, u64::MAX)),
             (json!({}), None),
             (json!({"total_tokens": 5}), None),
-            (
-                json!({"prompt_tokens": null, "completion_tokens": null}),
-                None,
-            ),
+            (json!({"prompt_tokens": null, "completion_tokens": null}), None),
             (json!({"prompt_tokens": -1, "completion_tokens": 2}), None),
             (json!({"prompt_tokens": 1.5, "completion_tokens": 2}), None),
             (json!({"prompt_tokens": "1", "completion_tokens": 2}), None),
-            (
-                json!({"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": -3}),
-                None,
-            ),
+            (json!({"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": -3}), None),
             (json!({"prompt_tokens": 1, "completion_tokens": [2]}), None),
             (json!(null), None),
             (json!(7), None),
@@ -282,7 +223,10 @@ mod tests {
     #[test]
     fn usage_from_json_table() {
         let cases: &[(&[u8], Option<TokenUsage>)] = &[
-            (br#"{"id":"x","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#, real(3, 4, 7)),
+            (
+                br#"{"id":"x","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#,
+                real(3, 4, 7),
+            ),
             (br#"{"type":"message","usage":{"input_tokens":10,"output_tokens":20}}"#, real(10, 20, 30)),
             (br#"{"object":"response","usage":{"input_tokens":1,"output_tokens":2,"total_tokens":3}}"#, real(1, 2, 3)),
             (br#"{"choices":[]}"#, None),
@@ -295,12 +239,7 @@ mod tests {
             (br#"{"nested":{"usage":{"prompt_tokens":3}}}"#, None),
         ];
         for (body, want) in cases {
-            assert_eq!(
-                usage_from_json(body),
-                *want,
-                "{}",
-                String::from_utf8_lossy(body)
-            );
+            assert_eq!(usage_from_json(body), *want, "{}", String::from_utf8_lossy(body));
         }
         let deep = "[".repeat(100_000);
         assert_eq!(usage_from_json(deep.as_bytes()), None);
@@ -329,9 +268,7 @@ mod tests {
                 Observed::Content,
             ),
             (
-                chunk(
-                    json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": null}),
-                ),
+                chunk(json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": null})),
                 Observed::Content,
             ),
             (
@@ -356,26 +293,16 @@ mod tests {
     #[test]
     fn stream_without_usage_estimates() {
         let mut s = StreamUsage::new();
+        s.observe(&chunk(json!({"choices": [{"delta": {"content": "abcdefgh"}}]})));
         s.observe(&chunk(
-            json!({"choices": [{"delta": {"content": "abcdefgh"}}]}),
+            json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\""}}]}}]}),
         ));
-        s.observe(&chunk(json!({"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\""}}]}}]})));
-        s.observe(&chunk(
-            json!({"choices": [{"delta": {"reasoning_content": "hm", "refusal": null}}]}),
-        ));
+        s.observe(&chunk(json!({"choices": [{"delta": {"reasoning_content": "hm", "refusal": null}}]})));
         assert_eq!(s.usage(), None);
         assert_eq!(s.output_chars(), 8 + 4 + 2);
         assert!(!s.saw_done());
         assert_eq!(s.response_model(), None);
-        assert_eq!(
-            s.usage_or_estimate(10),
-            TokenUsage {
-                input: 3,
-                output: 4,
-                total: 7,
-                estimated: true
-            }
-        );
+        assert_eq!(s.usage_or_estimate(10), TokenUsage { input: 3, output: 4, total: 7, estimated: true });
     }
 
     #[test]
@@ -397,21 +324,9 @@ mod tests {
                 Observed::Other,
                 real(5, 6, 11),
             ),
-            (
-                json!({"choices": [], "usage": null}),
-                Observed::Other,
-                real(5, 6, 11),
-            ),
-            (
-                json!({"usage": {"input_tokens": 7, "output_tokens": 8}}),
-                Observed::UsageOnly,
-                real(7, 8, 15),
-            ),
-            (
-                json!({"choices": [], "usage": "lots"}),
-                Observed::Other,
-                real(7, 8, 15),
-            ),
+            (json!({"choices": [], "usage": null}), Observed::Other, real(5, 6, 11)),
+            (json!({"usage": {"input_tokens": 7, "output_tokens": 8}}), Observed::UsageOnly, real(7, 8, 15)),
+            (json!({"choices": [], "usage": "lots"}), Observed::Other, real(7, 8, 15)),
         ];
         for (i, (v, observed, usage)) in cases.into_iter().enumerate() {
             assert_eq!(s.observe(&chunk(v)), observed, "case {i}");
@@ -422,20 +337,8 @@ mod tests {
     #[test]
     fn other_events() {
         let mut s = StreamUsage::new();
-        for data in [
-            "",
-            "not json",
-            "[1]",
-            "{}",
-            "{\"error\":{\"message\":\"x\"}}",
-            "{\"choices\":\"x\"}",
-            "[DONE",
-        ] {
-            assert_eq!(
-                s.observe(&SseEvent::data_event(data)),
-                Observed::Other,
-                "{data:?}"
-            );
+        for data in ["", "not json", "[1]", "{}", "{\"error\":{\"message\":\"x\"}}", "{\"choices\":\"x\"}", "[DONE"] {
+            assert_eq!(s.observe(&SseEvent::data_event(data)), Observed::Other, "{data:?}");
         }
         assert_eq!(s.observe(&SseEvent::data_event("[DONE]")), Observed::Done);
         assert_eq!(s.usage(), None);
@@ -456,24 +359,8 @@ mod tests {
         ] {
             assert_eq!(estimate_tokens_from_bytes(bytes), want, "{bytes}");
         }
-        assert_eq!(
-            estimate_usage(0, 0),
-            TokenUsage {
-                input: 0,
-                output: 0,
-                total: 0,
-                estimated: true
-            }
-        );
-        assert_eq!(
-            estimate_usage(10, 9),
-            TokenUsage {
-                input: 3,
-                output: 3,
-                total: 6,
-                estimated: true
-            }
-        );
+        assert_eq!(estimate_usage(0, 0), TokenUsage { input: 0, output: 0, total: 0, estimated: true });
+        assert_eq!(estimate_usage(10, 9), TokenUsage { input: 3, output: 3, total: 6, estimated: true });
         let huge = estimate_usage(usize::MAX, usize::MAX);
         assert_eq!(huge.total, huge.input + huge.output);
     }

@@ -249,9 +249,7 @@ impl ChatRequest {
         if self.include_usage() {
             return false;
         }
-        self.stream_options
-            .get_or_insert_with(StreamOptions::default)
-            .include_usage = Some(true);
+        self.stream_options.get_or_insert_with(StreamOptions::default).include_usage = Some(true);
         true
     }
 
@@ -265,11 +263,9 @@ impl ChatRequest {
             .fold(0, usize::saturating_add);
         let legacy = match self.extra.get("prompt") {
             Some(Value::String(s)) => s.len(),
-            Some(Value::Array(items)) => items
-                .iter()
-                .filter_map(Value::as_str)
-                .map(str::len)
-                .fold(0, usize::saturating_add),
+            Some(Value::Array(items)) => {
+                items.iter().filter_map(Value::as_str).map(str::len).fold(0, usize::saturating_add)
+            }
             _ => 0,
         };
         messages.saturating_add(legacy)
@@ -291,11 +287,7 @@ impl ChatResponse {
 impl Message {
     /// A message with plain-text content.
     pub fn with_text(role: impl Into<String>, text: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: Some(Content::Text(text.into())),
-            ..Self::default()
-        }
+        Self { role: role.into(), content: Some(Content::Text(text.into())), ..Self::default() }
     }
 
     /// UTF-8 bytes of the message's content texts (0 without content).
@@ -321,9 +313,7 @@ impl Content {
             Self::Text(s) => (Some(s.as_str()), &[][..]),
             Self::Parts(parts) => (None, parts.as_slice()),
         };
-        whole
-            .into_iter()
-            .chain(parts.iter().filter_map(|p| p.text.as_deref()))
+        whole.into_iter().chain(parts.iter().filter_map(|p| p.text.as_deref()))
     }
 
     /// Replace texts in place: `f` gets each text and returns `Some(new)` to replace it.
@@ -398,10 +388,7 @@ struct ShapeError {
 
 impl ShapeError {
     fn new(why: &'static str) -> Self {
-        Self {
-            path: String::new(),
-            why,
-        }
+        Self { path: String::new(), why }
     }
 
     fn at_key(mut self, key: &str) -> Self {
@@ -455,9 +442,7 @@ impl FromJson for bool {
 
 impl FromJson for u64 {
     fn from_json(value: Value) -> Result<Self, ShapeError> {
-        value
-            .as_u64()
-            .ok_or(ShapeError::new("expected a non-negative integer"))
+        value.as_u64().ok_or(ShapeError::new("expected a non-negative integer"))
     }
 }
 
@@ -470,11 +455,9 @@ impl FromJson for Value {
 impl<T: FromJson> FromJson for Vec<T> {
     fn from_json(value: Value) -> Result<Self, ShapeError> {
         match value {
-            Value::Array(items) => items
-                .into_iter()
-                .enumerate()
-                .map(|(i, item)| T::from_json(item).map_err(|e| e.at_index(i)))
-                .collect(),
+            Value::Array(items) => {
+                items.into_iter().enumerate().map(|(i, item)| T::from_json(item).map_err(|e| e.at_index(i))).collect()
+            }
             _ => Err(ShapeError::new("expected an array")),
         }
     }
@@ -485,9 +468,7 @@ impl FromJson for Content {
         match value {
             Value::String(s) => Ok(Self::Text(s)),
             Value::Array(_) => Vec::<ContentPart>::from_json(value).map(Self::Parts),
-            _ => Err(ShapeError::new(
-                "expected a string or an array of content parts",
-            )),
+            _ => Err(ShapeError::new("expected a string or an array of content parts")),
         }
     }
 }
@@ -534,9 +515,7 @@ impl<T: FromJson + Serialize> Slot for Vec<T> {
         match map.get(key) {
             None | Some(Value::Null) => Ok(Vec::new()),
             Some(Value::Array(items)) if items.is_empty() => Ok(Vec::new()),
-            Some(_) => map
-                .shift_remove(key)
-                .map_or(Ok(Vec::new()), Vec::<T>::from_json),
+            Some(_) => map.shift_remove(key).map_or(Ok(Vec::new()), Vec::<T>::from_json),
         }
     }
 
@@ -634,12 +613,7 @@ wire_object!(Usage {
 });
 
 #[cfg(test)]
-#[allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use serde_json::json;
@@ -787,8 +761,7 @@ mod tests {
             json!({"object": "list", "usage": {"prompt_tokens": null, "total_tokens": 3}}),
         ];
         for (i, case) in cases.iter().enumerate() {
-            let resp =
-                ChatResponse::parse(&bytes(case)).unwrap_or_else(|e| panic!("case {i}: {e}"));
+            let resp = ChatResponse::parse(&bytes(case)).unwrap_or_else(|e| panic!("case {i}: {e}"));
             assert_eq!(&reparse(&resp.to_vec()), case, "case {i}");
         }
     }
@@ -809,10 +782,7 @@ mod tests {
         let assistant = &req.messages[2];
         assert_eq!(assistant.role, "assistant");
         assert_eq!(assistant.content, None);
-        assert!(
-            assistant.extra["content"].is_null(),
-            "null kept as a shadow"
-        );
+        assert!(assistant.extra["content"].is_null(), "null kept as a shadow");
         let call = &assistant.tool_calls.as_ref().unwrap()[0];
         assert_eq!(call.id.as_deref(), Some("call_abc"));
         assert_eq!(call.kind.as_deref(), Some("function"));
@@ -838,25 +808,15 @@ mod tests {
         assert_eq!(resp.model.as_deref(), Some("gpt-4o-2024-08-06"));
         let usage = resp.usage.as_ref().unwrap();
         assert_eq!(
-            (
-                usage.prompt_tokens,
-                usage.completion_tokens,
-                usage.total_tokens
-            ),
+            (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens),
             (Some(1117), Some(46), Some(1163))
         );
-        assert_eq!(
-            usage.extra["prompt_tokens_details"]["cached_tokens"],
-            json!(0)
-        );
+        assert_eq!(usage.extra["prompt_tokens_details"]["cached_tokens"], json!(0));
         let choice = &resp.choices[0];
         assert_eq!(choice.finish_reason, Some(json!("stop")));
         assert!(choice.extra["logprobs"].is_null());
         let msg = choice.message.as_ref().unwrap();
-        assert_eq!(
-            msg.content,
-            Some(Content::Text("A wooden boardwalk.".into()))
-        );
+        assert_eq!(msg.content, Some(Content::Text("A wooden boardwalk.".into())));
 
         let chunk: ChatChunk = ChatChunk::parse(&bytes(&tool_delta_chunk())).unwrap();
         let delta = chunk.choices[0].delta.as_ref().unwrap();
@@ -864,10 +824,7 @@ mod tests {
         let call = &delta.tool_calls.as_ref().unwrap()[0];
         assert_eq!(call.id, None);
         assert_eq!(call.extra["index"], json!(0));
-        assert_eq!(
-            call.function.as_ref().unwrap().arguments.as_deref(),
-            Some("{\"ci")
-        );
+        assert_eq!(call.function.as_ref().unwrap().arguments.as_deref(), Some("{\"ci"));
 
         let usage_only = ChatChunk::parse(&bytes(&usage_only_chunk())).unwrap();
         assert!(usage_only.choices.is_empty());
@@ -877,10 +834,7 @@ mod tests {
         let role = ChatChunk::parse(&bytes(&role_chunk())).unwrap();
         assert_eq!(role.usage, None);
         assert_eq!(role.choices[0].finish_reason, None);
-        assert_eq!(
-            role.choices[0].delta.as_ref().unwrap().role.as_deref(),
-            Some("assistant")
-        );
+        assert_eq!(role.choices[0].delta.as_ref().unwrap().role.as_deref(), Some("assistant"));
     }
 
     #[test]
@@ -904,19 +858,12 @@ mod tests {
     fn empty_list_shadow() {
         let mut req = ChatRequest::parse(br#"{"model":"m","messages":[]}"#).unwrap();
         assert!(req.messages.is_empty());
-        assert_eq!(
-            reparse(&req.to_vec()),
-            json!({"model": "m", "messages": []})
-        );
+        assert_eq!(reparse(&req.to_vec()), json!({"model": "m", "messages": []}));
         req.messages.push(Message::with_text("user", "hi"));
-        assert_eq!(
-            reparse(&req.to_vec()),
-            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
-        );
+        assert_eq!(reparse(&req.to_vec()), json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}));
 
         // A list that arrived non-empty and was emptied is dropped; absent stays absent.
-        let mut req =
-            ChatRequest::parse(br#"{"messages":[{"role":"user","content":"x"}]}"#).unwrap();
+        let mut req = ChatRequest::parse(br#"{"messages":[{"role":"user","content":"x"}]}"#).unwrap();
         req.messages.clear();
         assert_eq!(reparse(&req.to_vec()), json!({}));
         assert_eq!(reparse(&ChatResponse::default().to_vec()), json!({}));
@@ -926,36 +873,18 @@ mod tests {
     fn shape_errors_name_the_path() {
         let cases: &[(&str, &str)] = &[
             (r#"{"messages":3}"#, "messages: expected an array"),
-            (
-                r#"{"messages":[{"role":"user","content":5}]}"#,
-                "messages[0].content: expected a string or an array",
-            ),
-            (
-                r#"{"messages":[{"content":"x"}]}"#,
-                "messages[0].role: missing required field",
-            ),
-            (
-                r#"{"messages":[{"role":null}]}"#,
-                "messages[0].role: expected a string",
-            ),
+            (r#"{"messages":[{"role":"user","content":5}]}"#, "messages[0].content: expected a string or an array"),
+            (r#"{"messages":[{"content":"x"}]}"#, "messages[0].role: missing required field"),
+            (r#"{"messages":[{"role":null}]}"#, "messages[0].role: expected a string"),
             (
                 r#"{"messages":[{"role":"u","content":[{"text":"x"}]}]}"#,
                 "messages[0].content[0].type: missing required field",
             ),
-            (
-                r#"{"max_tokens":-1}"#,
-                "max_tokens: expected a non-negative integer",
-            ),
-            (
-                r#"{"max_tokens":1.5}"#,
-                "max_tokens: expected a non-negative integer",
-            ),
+            (r#"{"max_tokens":-1}"#, "max_tokens: expected a non-negative integer"),
+            (r#"{"max_tokens":1.5}"#, "max_tokens: expected a non-negative integer"),
             (r#"{"stream":"yes"}"#, "stream: expected a boolean"),
             (r#"{"model":7}"#, "model: expected a string"),
-            (
-                r#"{"stream_options":true}"#,
-                "stream_options: expected an object",
-            ),
+            (r#"{"stream_options":true}"#, "stream_options: expected an object"),
             (
                 r#"{"messages":[{"role":"a","tool_calls":[{"function":[]}]}]}"#,
                 "messages[0].tool_calls[0].function: expected an object",
@@ -986,38 +915,13 @@ mod tests {
 
     #[test]
     fn not_json_and_not_utf8() {
-        let not_json: &[&[u8]] = &[
-            b"",
-            b"{",
-            b"{\"a\":}",
-            b"{} x",
-            b"nul",
-            b"{\"a\":1,}",
-            b"'a'",
-            b"{\"a\":1e999}",
-        ];
+        let not_json: &[&[u8]] = &[b"", b"{", b"{\"a\":}", b"{} x", b"nul", b"{\"a\":1,}", b"'a'", b"{\"a\":1e999}"];
         for body in not_json {
-            assert_eq!(
-                ChatRequest::parse(body),
-                Err(WireError::NotJson),
-                "{body:?}"
-            );
-            assert_eq!(
-                ChatResponse::parse(body),
-                Err(WireError::NotJson),
-                "{body:?}"
-            );
+            assert_eq!(ChatRequest::parse(body), Err(WireError::NotJson), "{body:?}");
+            assert_eq!(ChatResponse::parse(body), Err(WireError::NotJson), "{body:?}");
         }
-        for body in [
-            &b"\xff{}"[..],
-            b"{\"model\":\"\xc3\x28\"}",
-            b"{\"a\":\"\xed\xa0\x80\"}",
-        ] {
-            assert_eq!(
-                ChatRequest::parse(body),
-                Err(WireError::NotUtf8),
-                "{body:?}"
-            );
+        for body in [&b"\xff{}"[..], b"{\"model\":\"\xc3\x28\"}", b"{\"a\":\"\xed\xa0\x80\"}"] {
+            assert_eq!(ChatRequest::parse(body), Err(WireError::NotUtf8), "{body:?}");
         }
     }
 
@@ -1026,17 +930,11 @@ mod tests {
         for open in ["[", "{\"a\":", "{\"messages\":"] {
             let body = open.repeat(10_000);
             assert_eq!(ChatRequest::parse(body.as_bytes()), Err(WireError::NotJson));
-            assert_eq!(
-                ChatResponse::parse(body.as_bytes()),
-                Err(WireError::NotJson)
-            );
+            assert_eq!(ChatResponse::parse(body.as_bytes()), Err(WireError::NotJson));
             assert_eq!(ErrorBody::parse(body.as_bytes()), Err(WireError::NotJson));
         }
         let closed = format!("{{\"x\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
-        assert_eq!(
-            ChatRequest::parse(closed.as_bytes()),
-            Err(WireError::NotJson)
-        );
+        assert_eq!(ChatRequest::parse(closed.as_bytes()), Err(WireError::NotJson));
 
         // Nesting within the limit still round-trips through `extra`.
         let ok = format!("{{\"x\":{}1{}}}", "[".repeat(120), "]".repeat(120));
@@ -1059,10 +957,7 @@ mod tests {
         assert_eq!(parts.text_len(), 8);
         assert_eq!(Content::Parts(vec![]).texts().count(), 0);
 
-        let msg = Message {
-            content: None,
-            ..Message::with_text("assistant", "")
-        };
+        let msg = Message { content: None, ..Message::with_text("assistant", "") };
         assert_eq!(msg.text_len(), 0);
         assert_eq!(Message::with_text("user", "abc").text_len(), 3);
     }
@@ -1099,10 +994,7 @@ mod tests {
     fn prompt_bytes_table() {
         let cases = [
             (json!({}), 0),
-            (
-                json!({"messages": [{"role": "user", "content": "abcd"}]}),
-                4,
-            ),
+            (json!({"messages": [{"role": "user", "content": "abcd"}]}), 4),
             (
                 json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "ab"}, {"type": "text", "text": "é"}]}]}),
                 4,
@@ -1115,10 +1007,7 @@ mod tests {
             (json!({"prompt": "hello"}), 5),
             (json!({"prompt": ["ab", "cd", 3]}), 4),
             (json!({"prompt": [1, 2, 3]}), 0),
-            (
-                json!({"messages": [{"role": "system", "content": "日本語"}], "prompt": "x"}),
-                10,
-            ),
+            (json!({"messages": [{"role": "system", "content": "日本語"}], "prompt": "x"}), 10),
         ];
         for (body, want) in cases {
             let req = ChatRequest::parse(&bytes(&body)).unwrap();
@@ -1140,26 +1029,16 @@ mod tests {
             assert_eq!(req.include_usage(), want, "{body}");
             assert_eq!(req.ensure_include_usage(), !want, "{body}");
             assert!(req.include_usage());
-            assert_eq!(
-                reparse(&req.to_vec())["stream_options"]["include_usage"],
-                json!(true)
-            );
+            assert_eq!(reparse(&req.to_vec())["stream_options"]["include_usage"], json!(true));
         }
         let mut req = ChatRequest::parse(br#"{"stream_options":{"x":1}}"#).unwrap();
         req.ensure_include_usage();
-        assert_eq!(
-            reparse(&req.to_vec()),
-            json!({"stream_options": {"include_usage": true, "x": 1}})
-        );
+        assert_eq!(reparse(&req.to_vec()), json!({"stream_options": {"include_usage": true, "x": 1}}));
     }
 
     #[test]
     fn error_body() {
-        let body = ErrorBody::new(
-            "rate_limit_error",
-            "slow down",
-            Some("token_budget_exceeded"),
-        );
+        let body = ErrorBody::new("rate_limit_error", "slow down", Some("token_budget_exceeded"));
         assert_eq!(
             reparse(&body.to_vec()),
             json!({"error": {"message": "slow down", "type": "rate_limit_error", "param": null,
@@ -1170,10 +1049,7 @@ mod tests {
         assert_eq!(ErrorBody::parse(&body.to_vec()).unwrap(), body);
         let upstream = br#"{"error":{"message":"m","type":"server_error"}}"#;
         assert_eq!(ErrorBody::parse(upstream).unwrap().error.code, None);
-        assert!(matches!(
-            ErrorBody::parse(br#"{"error":"x"}"#),
-            Err(WireError::Shape(_))
-        ));
+        assert!(matches!(ErrorBody::parse(br#"{"error":"x"}"#), Err(WireError::Shape(_))));
     }
 
     #[test]
@@ -1184,10 +1060,7 @@ mod tests {
             request: ChatRequest,
         }
         let w: Wrapper = serde_json::from_value(json!({"request": request_with_tools()})).unwrap();
-        assert_eq!(
-            serde_json::to_value(&w.request).unwrap(),
-            request_with_tools()
-        );
+        assert_eq!(serde_json::to_value(&w.request).unwrap(), request_with_tools());
         assert!(serde_json::from_value::<Message>(json!({"content": "x"})).is_err());
         let resp: ChatResponse = serde_json::from_slice(&bytes(&openai_response())).unwrap();
         assert_eq!(serde_json::to_value(&resp).unwrap(), openai_response());
@@ -1197,18 +1070,13 @@ mod tests {
     fn wire_error_display() {
         assert_eq!(WireError::NotJson.to_string(), "body is not valid JSON");
         assert_eq!(WireError::NotUtf8.to_string(), "body is not valid UTF-8");
-        assert_eq!(
-            WireError::Shape("a: b".into()).to_string(),
-            "unexpected JSON shape: a: b"
-        );
+        assert_eq!(WireError::Shape("a: b".into()).to_string(), "unexpected JSON shape: a: b");
     }
 
     #[test]
     fn known_fields_are_written_first() {
-        let req = ChatRequest::parse(
-            br#"{"temperature":1,"model":"m","messages":[{"content":"x","role":"user"}]}"#,
-        )
-        .unwrap();
+        let req =
+            ChatRequest::parse(br#"{"temperature":1,"model":"m","messages":[{"content":"x","role":"user"}]}"#).unwrap();
         assert_eq!(
             String::from_utf8(req.to_vec()).unwrap(),
             r#"{"model":"m","messages":[{"role":"user","content":"x"}],"temperature":1}"#

@@ -4,12 +4,7 @@
 //! no panic; chunked parsing gives exactly the one-shot events; both agree with a small
 //! whole-input reference parser; and the events' `raw` bytes plus the pending bytes rebuild
 //! the input. A deterministic xorshift PRNG keeps failures reproducible (the seed is printed).
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use sluice_core::sse::{SseEvent, SseParser};
 
@@ -55,9 +50,7 @@ const TEXTS: &[&str] = &[
     "\u{feff}bom inside",
 ];
 
-const FIELDS: &[&str] = &[
-    "data", "data", "data", "event", "id", "retry", ":", "", "Data", "foo", " data",
-];
+const FIELDS: &[&str] = &["data", "data", "data", "event", "id", "retry", ":", "", "Data", "foo", " data"];
 
 const ENDINGS: &[&str] = &["\n", "\n", "\r\n", "\r\n", "\r"];
 
@@ -215,31 +208,16 @@ fn random_streams_chunked_equal_one_shot_and_reference() {
         let input = random_stream(&mut rng);
         let (events, pending, overflowed) = run(SseParser::new(), &[&input]);
         assert!(!overflowed, "seed {seed}");
-        assert_eq!(
-            concat(&events, &pending),
-            input,
-            "seed {seed}: raw reassembles the input"
-        );
-        assert_eq!(
-            (events.clone(), pending.clone()),
-            reference(&input),
-            "seed {seed}: reference"
-        );
+        assert_eq!(concat(&events, &pending), input, "seed {seed}: raw reassembles the input");
+        assert_eq!((events.clone(), pending.clone()), reference(&input), "seed {seed}: reference");
         for _ in 0..3 {
             let chunks = random_chunks(&mut rng, &input);
             let chunked = run(SseParser::new(), &chunks);
-            assert_eq!(
-                chunked,
-                (events.clone(), pending.clone(), false),
-                "seed {seed}: chunked"
-            );
+            assert_eq!(chunked, (events.clone(), pending.clone(), false), "seed {seed}: chunked");
         }
         total_events += events.len();
     }
-    assert!(
-        total_events > 5000,
-        "generator produces events: {total_events}"
-    );
+    assert!(total_events > 5000, "generator produces events: {total_events}");
 }
 
 #[test]
@@ -259,11 +237,7 @@ fn random_streams_with_small_caps_chunk_independent() {
             assert!(event.raw.len() <= cap, "seed {seed}: event within cap");
         }
         let chunks = random_chunks(&mut rng, &input);
-        assert_eq!(
-            run(SseParser::with_max_event_bytes(cap), &chunks),
-            want,
-            "seed {seed} cap {cap}"
-        );
+        assert_eq!(run(SseParser::with_max_event_bytes(cap), &chunks), want, "seed {seed} cap {cap}");
     }
     assert!(overflows > 100, "caps are exercised: {overflows}");
 }

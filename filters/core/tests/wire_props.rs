@@ -4,12 +4,7 @@
 //! JSON punctuation, deep nesting, value swaps) and fed to every parse function: nothing may
 //! panic, and whatever parses must serialize back to a JSON value equal to its input.
 //! A deterministic xorshift PRNG keeps failures reproducible (the seed is printed).
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use serde_json::{json, Value};
 use sluice_core::sse::{SseEvent, SseParser};
@@ -88,10 +83,8 @@ fn fixtures() -> Vec<Value> {
     ]
 }
 
-const INSERTS: &[&str] = &[
-    "{", "[", "\"", "\\", "}", "]", ",", ":", "null", "-1", "1.5", "\"x\"", "é", "😀", "\\u0000",
-    "\\ud800",
-];
+const INSERTS: &[&str] =
+    &["{", "[", "\"", "\\", "}", "]", ",", ":", "null", "-1", "1.5", "\"x\"", "é", "😀", "\\u0000", "\\ud800"];
 
 /// One random byte-level mutation.
 fn mutate(rng: &mut Rng, input: &mut Vec<u8>) {
@@ -168,10 +161,8 @@ fn mutate_value(rng: &mut Rng, value: &mut Value) {
             }
         }
         Value::Object(map) => {
-            let key = (*rng.pick(&[
-                "content", "role", "messages", "choices", "usage", "delta", "x", "type", "text",
-            ]))
-            .to_string();
+            let key = (*rng.pick(&["content", "role", "messages", "choices", "usage", "delta", "x", "type", "text"]))
+                .to_string();
             map.insert(key, random_value(rng));
         }
         _ => *value = random_value(rng),
@@ -187,11 +178,7 @@ fn exercise(body: &[u8], context: &str) -> usize {
             parsed += 1;
             let out = req.to_vec();
             let back: Value = serde_json::from_slice(&out).unwrap();
-            assert_eq!(
-                Some(&back),
-                as_value.as_ref(),
-                "{context}: request round trip"
-            );
+            assert_eq!(Some(&back), as_value.as_ref(), "{context}: request round trip");
             assert_eq!(ChatRequest::parse(&out).unwrap(), req, "{context}: reparse");
             let _ = (req.prompt_bytes(), req.include_usage());
             for m in &req.messages {
@@ -205,11 +192,7 @@ fn exercise(body: &[u8], context: &str) -> usize {
         Ok(resp) => {
             parsed += 1;
             let back: Value = serde_json::from_slice(&resp.to_vec()).unwrap();
-            assert_eq!(
-                Some(&back),
-                as_value.as_ref(),
-                "{context}: response round trip"
-            );
+            assert_eq!(Some(&back), as_value.as_ref(), "{context}: response round trip");
         }
         Err(e) => assert!(!e.to_string().is_empty()),
     }
@@ -237,21 +220,13 @@ fn exercise(body: &[u8], context: &str) -> usize {
     for event in parser.feed(&framed) {
         let _ = stream.observe(&event);
     }
-    let _ = (
-        stream.usage(),
-        stream.output_chars(),
-        stream.response_model(),
-        stream.saw_done(),
-    );
+    let _ = (stream.usage(), stream.output_chars(), stream.response_model(), stream.saw_done());
     parsed
 }
 
 #[test]
 fn byte_mutations_never_panic() {
-    let fixtures: Vec<Vec<u8>> = fixtures()
-        .iter()
-        .map(|v| serde_json::to_vec(v).unwrap())
-        .collect();
+    let fixtures: Vec<Vec<u8>> = fixtures().iter().map(|v| serde_json::to_vec(v).unwrap()).collect();
     let mut parsed = 0;
     for seed in 0..3000u64 {
         let mut rng = Rng::new(seed);
@@ -282,10 +257,7 @@ fn value_mutations_round_trip() {
             rejected += 1;
         }
     }
-    assert!(
-        parsed > 1000 && rejected > 100,
-        "both outcomes exercised: {parsed} parsed, {rejected} rejected"
-    );
+    assert!(parsed > 1000 && rejected > 100, "both outcomes exercised: {parsed} parsed, {rejected} rejected");
 }
 
 #[test]
@@ -297,15 +269,8 @@ fn deep_nesting_everywhere_is_an_error() {
                 open.repeat(depth),
                 close.repeat(depth)
             );
-            assert_eq!(
-                ChatRequest::parse(body.as_bytes()),
-                Err(WireError::NotJson),
-                "depth {depth}"
-            );
-            assert_eq!(
-                ChatResponse::parse(body.as_bytes()),
-                Err(WireError::NotJson)
-            );
+            assert_eq!(ChatRequest::parse(body.as_bytes()), Err(WireError::NotJson), "depth {depth}");
+            assert_eq!(ChatResponse::parse(body.as_bytes()), Err(WireError::NotJson));
             assert_eq!(usage_from_json(body.as_bytes()), None);
             exercise(body.as_bytes(), "deep");
         }

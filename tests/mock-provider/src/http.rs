@@ -66,10 +66,7 @@ pub struct Head {
 impl Head {
     /// First value of a header (name must be lowercase).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
     /// Comma-separated tokens of a header, lowercased, over all repetitions.
@@ -85,9 +82,7 @@ impl Head {
 
     /// The path without the query string.
     pub fn path(&self) -> &str {
-        self.target
-            .split_once('?')
-            .map_or(self.target.as_str(), |(p, _)| p)
+        self.target.split_once('?').map_or(self.target.as_str(), |(p, _)| p)
     }
 
     /// Whether the client wants the connection kept open after this request.
@@ -104,10 +99,7 @@ impl Head {
 
     /// Whether the client waits for `100 Continue` before sending the body.
     pub fn expects_continue(&self) -> bool {
-        self.minor_version >= 1
-            && self
-                .header("expect")
-                .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
+        self.minor_version >= 1 && self.header("expect").is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
     }
 
     /// Body framing per RFC 9112 section 6.3 (transfer-encoding wins over
@@ -122,23 +114,14 @@ impl Head {
             };
         }
         let mut length: Option<usize> = None;
-        for value in self
-            .headers
-            .iter()
-            .filter(|(n, _)| n == "content-length")
-            .flat_map(|(_, v)| v.split(','))
-        {
+        for value in self.headers.iter().filter(|(n, _)| n == "content-length").flat_map(|(_, v)| v.split(',')) {
             let value = value.trim();
             if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(bad("invalid content-length"));
             }
-            let parsed: usize = value
-                .parse()
-                .map_err(|_| bad("content-length out of range"))?;
+            let parsed: usize = value.parse().map_err(|_| bad("content-length out of range"))?;
             match length {
-                Some(previous) if previous != parsed => {
-                    return Err(bad("conflicting content-length values"))
-                }
+                Some(previous) if previous != parsed => return Err(bad("conflicting content-length values")),
                 _ => length = Some(parsed),
             }
         }
@@ -165,10 +148,7 @@ pub struct Conn<R> {
 
 impl<R: Read> Conn<R> {
     pub fn new(inner: R) -> Self {
-        Conn {
-            inner,
-            buf: Vec::new(),
-        }
+        Conn { inner, buf: Vec::new() }
     }
 
     /// Reads more bytes into the buffer; `Ok(false)` on end of stream.
@@ -192,13 +172,7 @@ impl<R: Read> Conn<R> {
     fn read_line(&mut self, limit: usize, what: &'static str) -> Result<Vec<u8>, HttpError> {
         let mut scanned = 0;
         loop {
-            if let Some(pos) = self
-                .buf
-                .iter()
-                .skip(scanned)
-                .position(|&b| b == b'\n')
-                .map(|p| p + scanned)
-            {
+            if let Some(pos) = self.buf.iter().skip(scanned).position(|&b| b == b'\n').map(|p| p + scanned) {
                 let mut line: Vec<u8> = self.buf.drain(..=pos).collect();
                 line.pop();
                 if line.last() == Some(&b'\r') {
@@ -252,19 +226,11 @@ impl<R: Read> Conn<R> {
                 return Err(too_large_line("request head"));
             }
             if headers.len() >= MAX_HEADERS {
-                return Err(HttpError::TooLarge {
-                    status: 431,
-                    what: "header list",
-                });
+                return Err(HttpError::TooLarge { status: 431, what: "header list" });
             }
             headers.push(parse_header_line(&line)?);
         }
-        Ok(Some(Head {
-            method,
-            target,
-            minor_version,
-            headers,
-        }))
+        Ok(Some(Head { method, target, minor_version, headers }))
     }
 
     /// Reads the body that belongs to `head` (de-chunked).
@@ -327,10 +293,7 @@ fn too_large_line(what: &'static str) -> HttpError {
 }
 
 fn too_large_body() -> HttpError {
-    HttpError::TooLarge {
-        status: 413,
-        what: "request body",
-    }
+    HttpError::TooLarge { status: 413, what: "request body" }
 }
 
 fn is_token_byte(b: u8) -> bool {
@@ -340,8 +303,7 @@ fn is_token_byte(b: u8) -> bool {
 fn parse_request_line(line: &[u8]) -> Result<(String, String, u8), HttpError> {
     let text = std::str::from_utf8(line).map_err(|_| bad("request line is not UTF-8"))?;
     let mut parts = text.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(bad("request line must be `METHOD TARGET VERSION`"));
     };
@@ -360,10 +322,7 @@ fn parse_request_line(line: &[u8]) -> Result<(String, String, u8), HttpError> {
 }
 
 fn parse_header_line(line: &[u8]) -> Result<(String, String), HttpError> {
-    let colon = line
-        .iter()
-        .position(|&b| b == b':')
-        .ok_or_else(|| bad("header line without colon"))?;
+    let colon = line.iter().position(|&b| b == b':').ok_or_else(|| bad("header line without colon"))?;
     let (name, rest) = line.split_at(colon);
     if name.is_empty() || !name.iter().copied().all(is_token_byte) {
         return Err(bad("invalid header name"));
@@ -373,20 +332,13 @@ fn parse_header_line(line: &[u8]) -> Result<(String, String), HttpError> {
         return Err(bad("invalid header value"));
     }
     let name = String::from_utf8_lossy(name).to_ascii_lowercase();
-    let value = String::from_utf8_lossy(value)
-        .trim_matches(|c| c == ' ' || c == '\t')
-        .to_string();
+    let value = String::from_utf8_lossy(value).trim_matches(|c| c == ' ' || c == '\t').to_string();
     Ok((name, value))
 }
 
 fn parse_chunk_size(line: &[u8]) -> Result<usize, HttpError> {
-    let size_part = line
-        .split(|&b| b == b';')
-        .next()
-        .unwrap_or(&[])
-        .trim_ascii();
-    if size_part.is_empty() || size_part.len() > 15 || !size_part.iter().all(u8::is_ascii_hexdigit)
-    {
+    let size_part = line.split(|&b| b == b';').next().unwrap_or(&[]).trim_ascii();
+    if size_part.is_empty() || size_part.len() > 15 || !size_part.iter().all(u8::is_ascii_hexdigit) {
         return Err(bad("invalid chunk size"));
     }
     let text = std::str::from_utf8(size_part).map_err(|_| bad("invalid chunk size"))?;
@@ -490,12 +442,7 @@ pub fn write_last_chunk<W: Write>(w: &mut W) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )]
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
     use super::*;
 
@@ -546,8 +493,7 @@ mod tests {
 
     #[test]
     fn header_names_are_lowercased_and_repeats_kept() {
-        let req =
-            parse_one(b"GET / HTTP/1.1\r\nX-Thing:  a \r\nx-thing:b\r\nX-EMPTY:\r\n\r\n").unwrap();
+        let req = parse_one(b"GET / HTTP/1.1\r\nX-Thing:  a \r\nx-thing:b\r\nX-EMPTY:\r\n\r\n").unwrap();
         assert_eq!(req.head.header("x-thing"), Some("a"));
         assert_eq!(
             req.head.headers,
@@ -645,10 +591,7 @@ mod tests {
         for case in cases {
             match parse_all(case, 5) {
                 Err(HttpError::Malformed(_)) => {}
-                other => panic!(
-                    "{:?}: expected Malformed, got {other:?}",
-                    String::from_utf8_lossy(case)
-                ),
+                other => panic!("{:?}: expected Malformed, got {other:?}", String::from_utf8_lossy(case)),
             }
         }
     }
@@ -669,18 +612,9 @@ mod tests {
         let mut huge = b"GET / HTTP/1.1\r\nX: ".to_vec();
         huge.extend(std::iter::repeat_n(b'a', MAX_HEAD_BYTES + 10));
         huge.extend_from_slice(b"\r\n\r\n");
-        assert!(matches!(
-            parse_all(&huge, usize::MAX),
-            Err(HttpError::TooLarge { status: 431, .. })
-        ));
-        let big = format!(
-            "POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
-            MAX_BODY_BYTES + 1
-        );
-        assert!(matches!(
-            parse_all(big.as_bytes(), usize::MAX),
-            Err(HttpError::TooLarge { status: 413, .. })
-        ));
+        assert!(matches!(parse_all(&huge, usize::MAX), Err(HttpError::TooLarge { status: 431, .. })));
+        let big = format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", MAX_BODY_BYTES + 1);
+        assert!(matches!(parse_all(big.as_bytes(), usize::MAX), Err(HttpError::TooLarge { status: 413, .. })));
     }
 
     #[test]
@@ -688,10 +622,7 @@ mod tests {
         let mut out = Vec::new();
         let headers = vec![("x-mock-provider".to_string(), "m".to_string())];
         write_response(&mut out, 200, &headers, b"hi", true).unwrap();
-        assert_eq!(
-            out,
-            b"HTTP/1.1 200 OK\r\nx-mock-provider: m\r\ncontent-length: 2\r\nconnection: close\r\n\r\nhi"
-        );
+        assert_eq!(out, b"HTTP/1.1 200 OK\r\nx-mock-provider: m\r\ncontent-length: 2\r\nconnection: close\r\n\r\nhi");
         let mut out = Vec::new();
         write_stream_head(&mut out, 200, &headers, true, false).unwrap();
         write_chunk(&mut out, b"data: 1\n\n").unwrap();

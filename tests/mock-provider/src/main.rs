@@ -30,10 +30,7 @@ fn main() -> ExitCode {
     let listener = match TcpListener::bind((cli.host, cli.port)) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!(
-                "sluice-mock-provider: cannot listen on {}:{}: {e}",
-                cli.host, cli.port
-            );
+            eprintln!("sluice-mock-provider: cannot listen on {}:{}: {e}", cli.host, cli.port);
             return ExitCode::FAILURE;
         }
     };
@@ -46,25 +43,18 @@ fn main() -> ExitCode {
     };
     // The harness waits for exactly this line.
     let mut stdout = std::io::stdout();
-    if writeln!(stdout, "LISTENING {addr}")
-        .and_then(|()| stdout.flush())
-        .is_err()
-    {
+    if writeln!(stdout, "LISTENING {addr}").and_then(|()| stdout.flush()).is_err() {
         eprintln!("sluice-mock-provider: cannot write to stdout");
     }
-    eprintln!(
-        "sluice-mock-provider: provider {:?} serving on http://{addr}",
-        cli.settings.name
-    );
+    eprintln!("sluice-mock-provider: provider {:?} serving on http://{addr}", cli.settings.name);
 
     let state = Arc::new(server::State::new(cli.settings));
     for stream in listener.incoming() {
         match stream {
             Ok(stream) => {
                 let state = Arc::clone(&state);
-                let spawned = thread::Builder::new()
-                    .name("conn".into())
-                    .spawn(move || server::serve_connection(&state, stream));
+                let spawned =
+                    thread::Builder::new().name("conn".into()).spawn(move || server::serve_connection(&state, stream));
                 if let Err(e) = spawned {
                     eprintln!("sluice-mock-provider: cannot spawn connection thread: {e}");
                 }

@@ -24,13 +24,8 @@ pub enum Failure {
 
 impl Failure {
     /// The order in which the rate-based failures are checked.
-    pub const CHECK_ORDER: [Failure; 5] = [
-        Failure::Reset,
-        Failure::Unavailable,
-        Failure::RateLimited,
-        Failure::Malformed,
-        Failure::Truncate,
-    ];
+    pub const CHECK_ORDER: [Failure; 5] =
+        [Failure::Reset, Failure::Unavailable, Failure::RateLimited, Failure::Malformed, Failure::Truncate];
 
     /// Name used in `x-mock-fail`, in the log's `failure` field and in stats.
     pub fn as_str(self) -> &'static str {
@@ -49,15 +44,9 @@ impl Failure {
         if value.is_empty() || value == "none" {
             return Ok(None);
         }
-        Failure::CHECK_ORDER
-            .into_iter()
-            .find(|f| f.as_str() == value)
-            .map(Some)
-            .ok_or_else(|| {
-                format!(
-                    "unknown x-mock-fail value `{value}` (expected 429, 503, reset, malformed or truncate)"
-                )
-            })
+        Failure::CHECK_ORDER.into_iter().find(|f| f.as_str() == value).map(Some).ok_or_else(|| {
+            format!("unknown x-mock-fail value `{value}` (expected 429, 503, reset, malformed or truncate)")
+        })
     }
 
     /// The settings key holding this failure's rate.
@@ -93,11 +82,7 @@ impl FailureCounters {
     /// [`Failure::CHECK_ORDER`].
     pub fn decide(&mut self, rates: [u32; 5]) -> Option<Failure> {
         let mut chosen = None;
-        for ((kind, count), pct) in Failure::CHECK_ORDER
-            .into_iter()
-            .zip(self.counts.iter_mut())
-            .zip(rates)
-        {
+        for ((kind, count), pct) in Failure::CHECK_ORDER.into_iter().zip(self.counts.iter_mut()).zip(rates) {
             *count = count.saturating_add(1);
             if chosen.is_none() && fires(*count, pct) {
                 chosen = Some(kind);
@@ -132,15 +117,9 @@ pub struct ChatRequest {
 impl ChatRequest {
     pub fn from_json(body: &Value) -> Self {
         ChatRequest {
-            model: body
-                .get("model")
-                .and_then(Value::as_str)
-                .map(str::to_string),
+            model: body.get("model").and_then(Value::as_str).map(str::to_string),
             stream: body.get("stream").and_then(Value::as_bool) == Some(true),
-            include_usage: body
-                .get("stream_options")
-                .and_then(|o| o.get("include_usage"))
-                .and_then(Value::as_bool)
+            include_usage: body.get("stream_options").and_then(|o| o.get("include_usage")).and_then(Value::as_bool)
                 == Some(true),
             prompt_bytes: prompt_bytes(body),
         }
@@ -159,11 +138,9 @@ pub fn prompt_bytes(body: &Value) -> usize {
                 .iter()
                 .map(|m| match m.get("content") {
                     Some(Value::String(s)) => s.len(),
-                    Some(Value::Array(parts)) => parts
-                        .iter()
-                        .filter_map(|p| p.get("text").and_then(Value::as_str))
-                        .map(str::len)
-                        .sum(),
+                    Some(Value::Array(parts)) => {
+                        parts.iter().filter_map(|p| p.get("text").and_then(Value::as_str)).map(str::len).sum()
+                    }
                     _ => 0,
                 })
                 .sum()
@@ -254,10 +231,7 @@ fn chunk(reply: &Reply, delta: Value, finish_reason: Value, include_usage: bool)
     obj.insert("object".into(), json!("chat.completion.chunk"));
     obj.insert("created".into(), json!(CREATED));
     obj.insert("model".into(), json!(reply.model));
-    obj.insert(
-        "choices".into(),
-        json!([{"index": 0, "delta": delta, "finish_reason": finish_reason}]),
-    );
+    obj.insert("choices".into(), json!([{"index": 0, "delta": delta, "finish_reason": finish_reason}]));
     if include_usage {
         obj.insert("usage".into(), Value::Null);
     }
@@ -275,11 +249,7 @@ pub const DONE_EVENT: &str = "data: [DONE]\n\n";
 /// Splits `text` into at most `pieces` roughly equal non-empty pieces on
 /// char boundaries (`pieces` 0 is treated as 1; empty text gives nothing).
 pub fn split_text(text: &str, pieces: usize) -> Vec<&str> {
-    let starts: Vec<usize> = text
-        .char_indices()
-        .map(|(i, _)| i)
-        .chain(std::iter::once(text.len()))
-        .collect();
+    let starts: Vec<usize> = text.char_indices().map(|(i, _)| i).chain(std::iter::once(text.len())).collect();
     let chars = starts.len().saturating_sub(1);
     let pieces = pieces.clamp(1, chars.max(1));
     (0..pieces)
@@ -296,25 +266,12 @@ pub fn split_text(text: &str, pieces: usize) -> Vec<&str> {
 /// content chunks, a finish chunk, then (only with `include_usage` and when
 /// usage is not omitted) a usage chunk with empty `choices`.
 pub fn stream_events(reply: &Reply, pieces: usize, include_usage: bool) -> Vec<String> {
-    let mut events = vec![sse(&chunk(
-        reply,
-        json!({"role": "assistant", "content": ""}),
-        Value::Null,
-        include_usage,
-    )
-    .to_string())];
+    let mut events =
+        vec![sse(&chunk(reply, json!({"role": "assistant", "content": ""}), Value::Null, include_usage).to_string())];
     for piece in split_text(&reply.text, pieces) {
-        events.push(sse(&chunk(
-            reply,
-            json!({"content": piece}),
-            Value::Null,
-            include_usage,
-        )
-        .to_string()));
+        events.push(sse(&chunk(reply, json!({"content": piece}), Value::Null, include_usage).to_string()));
     }
-    events.push(sse(
-        &chunk(reply, json!({}), json!("stop"), include_usage).to_string()
-    ));
+    events.push(sse(&chunk(reply, json!({}), json!("stop"), include_usage).to_string()));
     if include_usage {
         if let Some(usage) = reply.usage.to_json() {
             let usage_chunk = json!({
@@ -340,12 +297,7 @@ pub fn malformed_body(id: &str) -> String {
 /// A stream whose second event carries cut-off JSON; it still ends with
 /// `[DONE]` so only the JSON is broken, not the framing.
 pub fn malformed_stream_events(reply: &Reply) -> Vec<String> {
-    let role = chunk(
-        reply,
-        json!({"role": "assistant", "content": ""}),
-        Value::Null,
-        false,
-    );
+    let role = chunk(reply, json!({"role": "assistant", "content": ""}), Value::Null, false);
     vec![
         sse(&role.to_string()),
         sse(&format!(
@@ -370,11 +322,7 @@ pub fn rate_limit_error(model: &str, name: &str) -> Value {
 }
 
 pub fn unavailable_error(name: &str) -> Value {
-    error_body(
-        &format!("mock {name} unavailable"),
-        "server_error",
-        Some("service_unavailable"),
-    )
+    error_body(&format!("mock {name} unavailable"), "server_error", Some("service_unavailable"))
 }
 
 pub fn invalid_json_error(detail: &str) -> Value {
@@ -387,39 +335,23 @@ pub fn invalid_json_error(detail: &str) -> Value {
 
 /// `GET /v1/models` body.
 pub fn models_body(models: &[String], owner: &str) -> Value {
-    let data: Vec<Value> = models
-        .iter()
-        .map(|m| json!({"id": m, "object": "model", "created": CREATED, "owned_by": owner}))
-        .collect();
+    let data: Vec<Value> =
+        models.iter().map(|m| json!({"id": m, "object": "model", "created": CREATED, "owned_by": owner})).collect();
     json!({"object": "list", "data": data})
 }
 
 #[cfg(test)]
 mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )]
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
     use super::*;
 
     fn reply(usage: UsageReport) -> Reply {
-        Reply {
-            id: "chatcmpl-mock-1".into(),
-            model: "m1".into(),
-            text: "Hello from mock.".into(),
-            usage,
-        }
+        Reply { id: "chatcmpl-mock-1".into(), model: "m1".into(), text: "Hello from mock.".into(), usage }
     }
 
     fn parse_event(e: &str) -> Value {
-        let data = e
-            .strip_prefix("data: ")
-            .unwrap()
-            .strip_suffix("\n\n")
-            .unwrap();
+        let data = e.strip_prefix("data: ").unwrap().strip_suffix("\n\n").unwrap();
         serde_json::from_str(data).unwrap()
     }
 
@@ -456,14 +388,8 @@ mod tests {
         assert_eq!(Failure::from_header("429"), Ok(Some(Failure::RateLimited)));
         assert_eq!(Failure::from_header(" Reset "), Ok(Some(Failure::Reset)));
         assert_eq!(Failure::from_header("503"), Ok(Some(Failure::Unavailable)));
-        assert_eq!(
-            Failure::from_header("malformed"),
-            Ok(Some(Failure::Malformed))
-        );
-        assert_eq!(
-            Failure::from_header("truncate"),
-            Ok(Some(Failure::Truncate))
-        );
+        assert_eq!(Failure::from_header("malformed"), Ok(Some(Failure::Malformed)));
+        assert_eq!(Failure::from_header("truncate"), Ok(Some(Failure::Truncate)));
         assert_eq!(Failure::from_header(""), Ok(None));
         assert_eq!(Failure::from_header("none"), Ok(None));
         assert!(Failure::from_header("500").unwrap_err().contains("`500`"));
@@ -510,10 +436,7 @@ mod tests {
 
     #[test]
     fn completion_shape() {
-        let body = completion_body(&reply(UsageReport::Counts {
-            prompt: 3,
-            completion: 3,
-        }));
+        let body = completion_body(&reply(UsageReport::Counts { prompt: 3, completion: 3 }));
         assert_eq!(
             body.to_string(),
             r#"{"id":"chatcmpl-mock-1","object":"chat.completion","created":1730000000,"model":"m1","system_fingerprint":"fp_mock","choices":[{"index":0,"message":{"role":"assistant","content":"Hello from mock."},"logprobs":null,"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":3,"total_tokens":6}}"#
@@ -542,25 +465,16 @@ mod tests {
 
     #[test]
     fn stream_with_usage() {
-        let r = reply(UsageReport::Counts {
-            prompt: 2,
-            completion: 3,
-        });
+        let r = reply(UsageReport::Counts { prompt: 2, completion: 3 });
         let events = stream_events(&r, 4, true);
         assert_eq!(events.last().unwrap(), DONE_EVENT);
-        let chunks: Vec<Value> = events[..events.len() - 1]
-            .iter()
-            .map(|e| parse_event(e))
-            .collect();
+        let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| parse_event(e)).collect();
         assert_eq!(chunks.len(), 1 + 4 + 1 + 1);
         assert_eq!(
             events[0],
             "data: {\"id\":\"chatcmpl-mock-1\",\"object\":\"chat.completion.chunk\",\"created\":1730000000,\"model\":\"m1\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}],\"usage\":null}\n\n"
         );
-        let text: String = chunks[1..5]
-            .iter()
-            .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap())
-            .collect();
+        let text: String = chunks[1..5].iter().map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap()).collect();
         assert_eq!(text, r.text);
         assert_eq!(chunks[5]["choices"][0]["finish_reason"], "stop");
         assert_eq!(chunks[5]["choices"][0]["delta"], json!({}));
@@ -573,14 +487,7 @@ mod tests {
 
     #[test]
     fn stream_without_usage() {
-        let events = stream_events(
-            &reply(UsageReport::Counts {
-                prompt: 1,
-                completion: 1,
-            }),
-            2,
-            false,
-        );
+        let events = stream_events(&reply(UsageReport::Counts { prompt: 1, completion: 1 }), 2, false);
         assert_eq!(events.len(), 1 + 2 + 1 + 1);
         for e in &events[..events.len() - 1] {
             assert!(parse_event(e).get("usage").is_none());
@@ -595,10 +502,7 @@ mod tests {
     fn malformed_bodies_do_not_parse() {
         assert!(serde_json::from_str::<Value>(&malformed_body("chatcmpl-mock-1")).is_err());
         let events = malformed_stream_events(&reply(UsageReport::Omitted));
-        assert!(serde_json::from_str::<Value>(
-            events[1].strip_prefix("data: ").unwrap().trim_end()
-        )
-        .is_err());
+        assert!(serde_json::from_str::<Value>(events[1].strip_prefix("data: ").unwrap().trim_end()).is_err());
         assert_eq!(events[2], DONE_EVENT);
     }
 

@@ -73,11 +73,8 @@ impl State {
         let mut log = lock(&self.log);
         if let Some(path) = &settings.log {
             let line = format!("{entry}\n");
-            let written = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .and_then(|mut f| f.write_all(line.as_bytes()));
+            let written =
+                OpenOptions::new().create(true).append(true).open(path).and_then(|mut f| f.write_all(line.as_bytes()));
             if let Err(e) = written {
                 eprintln!("sluice-mock-provider: cannot write log {path}: {e}");
             }
@@ -138,11 +135,7 @@ pub fn serve_connection(state: &State, stream: TcpStream) {
 }
 
 /// Reads and answers one request.
-pub fn serve_one<R: Read, W: Write>(
-    state: &State,
-    conn: &mut Conn<R>,
-    w: &mut W,
-) -> io::Result<Next> {
+pub fn serve_one<R: Read, W: Write>(state: &State, conn: &mut Conn<R>, w: &mut W) -> io::Result<Next> {
     let head = match conn.read_head() {
         Ok(Some(head)) => head,
         Ok(None) => return Ok(Next::Close),
@@ -165,11 +158,7 @@ fn reject<W: Write>(state: &State, w: &mut W, error: HttpError) -> io::Result<Ne
         HttpError::Malformed(_) => 400,
         HttpError::TooLarge { status, .. } => *status,
     };
-    let body = provider::error_body(
-        &error.to_string(),
-        "invalid_request_error",
-        Some("bad_request"),
-    );
+    let body = provider::error_body(&error.to_string(), "invalid_request_error", Some("bad_request"));
     send_json(w, &state.settings().name, status, Vec::new(), &body, true)
 }
 
@@ -202,14 +191,7 @@ pub fn handle<W: Write>(state: &State, req: &Request, w: &mut W) -> io::Result<N
     let name = settings.name.as_str();
     if path == "/health" {
         return if method == "GET" {
-            send_json(
-                w,
-                name,
-                200,
-                Vec::new(),
-                &json!({"status": "ok", "name": name}),
-                close,
-            )
+            send_json(w, name, 200, Vec::new(), &json!({"status": "ok", "name": name}), close)
         } else {
             method_not_allowed(w, name, close)
         };
@@ -266,22 +248,10 @@ fn log_entry(settings: &Settings, req: &Request, failure: Option<Failure>, statu
     } else {
         Value::Null
     };
-    let model = parsed
-        .as_ref()
-        .and_then(|b| b.get("model"))
-        .and_then(Value::as_str);
-    let stream = parsed
-        .as_ref()
-        .and_then(|b| b.get("stream"))
-        .and_then(Value::as_bool)
-        == Some(true);
-    let attempt = req
-        .head
-        .header("x-envoy-attempt-count")
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    let ts = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0.0, |d| d.as_secs_f64());
+    let model = parsed.as_ref().and_then(|b| b.get("model")).and_then(Value::as_str);
+    let stream = parsed.as_ref().and_then(|b| b.get("stream")).and_then(Value::as_bool) == Some(true);
+    let attempt = req.head.header("x-envoy-attempt-count").and_then(|v| v.trim().parse::<u64>().ok());
+    let ts = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
     json!({
         "ts": ts,
         "provider": settings.name,
@@ -299,17 +269,8 @@ fn log_entry(settings: &Settings, req: &Request, failure: Option<Failure>, statu
     })
 }
 
-fn chat<W: Write>(
-    state: &State,
-    settings: Settings,
-    req: &Request,
-    w: &mut W,
-    close: bool,
-) -> io::Result<Next> {
-    let n = state
-        .next_id
-        .fetch_add(1, Ordering::Relaxed)
-        .saturating_add(1);
+fn chat<W: Write>(state: &State, settings: Settings, req: &Request, w: &mut W, close: bool) -> io::Result<Next> {
+    let n = state.next_id.fetch_add(1, Ordering::Relaxed).saturating_add(1);
     let scheduled = lock(&state.counters).decide(settings.rates());
     let name = settings.name.as_str();
 
@@ -327,46 +288,27 @@ fn chat<W: Write>(
         Some(Ok(forced)) => forced,
         Some(Err(message)) => {
             state.record(&settings, log_entry(&settings, req, None, 400));
-            let body =
-                provider::error_body(&message, "invalid_request_error", Some("invalid_mock_fail"));
+            let body = provider::error_body(&message, "invalid_request_error", Some("invalid_mock_fail"));
             return send_json(w, name, 400, Vec::new(), &body, close);
         }
     };
     let failure = forced.or(scheduled);
 
     let parsed = serde_json::from_slice::<Value>(&req.body);
-    let request = parsed
-        .as_ref()
-        .map_or_else(|_| ChatRequest::default(), ChatRequest::from_json);
-    let model = request
-        .model
-        .clone()
-        .filter(|m| !m.is_empty())
-        .unwrap_or_else(|| settings.model.clone());
-    let text = req
-        .head
-        .header("x-mock-text")
-        .map_or_else(|| settings.text(), str::to_string);
+    let request = parsed.as_ref().map_or_else(|_| ChatRequest::default(), ChatRequest::from_json);
+    let model = request.model.clone().filter(|m| !m.is_empty()).unwrap_or_else(|| settings.model.clone());
+    let text = req.head.header("x-mock-text").map_or_else(|| settings.text(), str::to_string);
     let usage = if settings.no_usage {
         UsageReport::Omitted
     } else if settings.malformed_usage {
         UsageReport::Garbage
     } else {
         UsageReport::Counts {
-            prompt: settings
-                .prompt_tokens
-                .unwrap_or_else(|| provider::prompt_tokens(request.prompt_bytes)),
-            completion: settings
-                .completion_tokens
-                .unwrap_or_else(|| provider::completion_tokens(&text)),
+            prompt: settings.prompt_tokens.unwrap_or_else(|| provider::prompt_tokens(request.prompt_bytes)),
+            completion: settings.completion_tokens.unwrap_or_else(|| provider::completion_tokens(&text)),
         }
     };
-    let reply = Reply {
-        id: format!("chatcmpl-mock-{n}"),
-        model,
-        text,
-        usage,
-    };
+    let reply = Reply { id: format!("chatcmpl-mock-{n}"), model, text, usage };
     // Log before answering so a test that got the answer finds the entry.
     let status = match (failure, &parsed) {
         (Some(Failure::Reset), _) => 0,
@@ -392,14 +334,7 @@ fn chat<W: Write>(
             let body = provider::rate_limit_error(&reply.model, name);
             send_json(w, name, 429, headers, &body, close)
         }
-        Some(Failure::Unavailable) => send_json(
-            w,
-            name,
-            503,
-            Vec::new(),
-            &provider::unavailable_error(name),
-            close,
-        ),
+        Some(Failure::Unavailable) => send_json(w, name, 503, Vec::new(), &provider::unavailable_error(name), close),
         Some(Failure::Malformed) if request.stream => {
             let events = provider::malformed_stream_events(&reply);
             send_stream(w, &settings, &events, chunked, close, true)
@@ -411,8 +346,7 @@ fn chat<W: Write>(
             Ok(after(close))
         }
         Some(Failure::Truncate) if request.stream => {
-            let events =
-                provider::stream_events(&reply, settings.stream_chunks, request.include_usage);
+            let events = provider::stream_events(&reply, settings.stream_chunks, request.include_usage);
             let first_two: Vec<String> = events.into_iter().take(2).collect();
             send_stream(w, &settings, &first_two, chunked, close, false)
         }
@@ -432,27 +366,16 @@ fn chat<W: Write>(
                 send_json(w, name, 400, Vec::new(), &body, close)
             }
             Ok(_) if request.stream => {
-                let events =
-                    provider::stream_events(&reply, settings.stream_chunks, request.include_usage);
+                let events = provider::stream_events(&reply, settings.stream_chunks, request.include_usage);
                 send_stream(w, &settings, &events, chunked, close, true)
             }
-            Ok(_) => send_json(
-                w,
-                name,
-                200,
-                Vec::new(),
-                &provider::completion_body(&reply),
-                close,
-            ),
+            Ok(_) => send_json(w, name, 200, Vec::new(), &provider::completion_body(&reply), close),
         },
     }
 }
 
 fn json_headers(name: &str) -> Vec<(String, String)> {
-    vec![
-        ("content-type".into(), "application/json".into()),
-        ("x-mock-provider".into(), name.into()),
-    ]
+    vec![("content-type".into(), "application/json".into()), ("x-mock-provider".into(), name.into())]
 }
 
 /// Sends SSE events, one write (or two with `split_writes`) and flush each,
@@ -509,13 +432,7 @@ fn send_stream<W: Write>(
 }
 
 /// `/__mock/*`: configuration, log, stats, reset. Not logged as traffic.
-fn control<W: Write>(
-    state: &State,
-    req: &Request,
-    what: &str,
-    w: &mut W,
-    close: bool,
-) -> io::Result<Next> {
+fn control<W: Write>(state: &State, req: &Request, what: &str, w: &mut W, close: bool) -> io::Result<Next> {
     let name = state.settings().name;
     let method = req.head.method.as_str();
     let (status, body) = match (method, what) {
@@ -535,10 +452,9 @@ fn control<W: Write>(
             lock(&state.log).clear();
             (200, config_json(&state.initial))
         }
-        (_, "config" | "log" | "stats" | "reset") => (
-            405,
-            provider::error_body("Method not allowed", "invalid_request_error", None),
-        ),
+        (_, "config" | "log" | "stats" | "reset") => {
+            (405, provider::error_body("Method not allowed", "invalid_request_error", None))
+        }
         _ => (
             404,
             provider::error_body(
@@ -571,21 +487,13 @@ fn update_config(state: &State, body: &[u8]) -> (u16, Value) {
             }
             (200, config_json(&settings))
         }
-        Err(message) => (
-            400,
-            provider::error_body(&message, "invalid_request_error", Some("invalid_config")),
-        ),
+        Err(message) => (400, provider::error_body(&message, "invalid_request_error", Some("invalid_config"))),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )]
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
     use super::*;
 
@@ -603,11 +511,8 @@ mod tests {
     }
 
     fn post_chat(body: &str, extra: &str) -> Vec<u8> {
-        format!(
-            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{extra}Content-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .into_bytes()
+        format!("POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n{extra}Content-Length: {}\r\n\r\n{body}", body.len())
+            .into_bytes()
     }
 
     fn body_of(response: &str) -> &str {
@@ -615,10 +520,7 @@ mod tests {
     }
 
     fn state() -> State {
-        State::new(Settings {
-            name: "p1".into(),
-            ..Settings::default()
-        })
+        State::new(Settings { name: "p1".into(), ..Settings::default() })
     }
 
     const CHAT: &str = r#"{"model":"gpt-x","messages":[{"role":"user","content":"Hello there"}]}"#;
@@ -634,10 +536,7 @@ mod tests {
         assert_eq!(body["model"], "gpt-x");
         assert_eq!(body["id"], "chatcmpl-mock-1");
         assert_eq!(body["choices"][0]["message"]["content"], "Hello from p1.");
-        assert_eq!(
-            body["usage"],
-            json!({"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6})
-        );
+        assert_eq!(body["usage"], json!({"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}));
         let log = lock(&state.log).clone();
         assert_eq!(log.len(), 1);
         let e = &log[0];
@@ -683,12 +582,7 @@ mod tests {
         let (out, next) = exchange(&state, &post_chat(CHAT, "x-mock-fail: truncate\r\n"));
         assert_eq!(next, Next::Abort);
         let (head, body) = out.split_once("\r\n\r\n").unwrap();
-        let declared: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length: "))
-            .unwrap()
-            .parse()
-            .unwrap();
+        let declared: usize = head.lines().find_map(|l| l.strip_prefix("content-length: ")).unwrap().parse().unwrap();
         assert!(body.len() < declared);
     }
 
@@ -719,10 +613,7 @@ mod tests {
         assert!(out.contains("x-ratelimit-reset-requests: 2s\r\n"));
         assert!(out.contains("x-ratelimit-reset-tokens: 2s\r\n"));
         let body: Value = serde_json::from_str(body_of(&out)).unwrap();
-        assert_eq!(
-            body["error"]["message"],
-            "Rate limit reached for gpt-x (mock p1)"
-        );
+        assert_eq!(body["error"]["message"], "Rate limit reached for gpt-x (mock p1)");
 
         let (out, _) = exchange(&state, &post_chat(CHAT, "x-mock-fail: 503\r\n"));
         assert!(out.starts_with("HTTP/1.1 503 "));
@@ -737,20 +628,13 @@ mod tests {
     fn scheduled_failures_and_config_update_restarts_schedule() {
         let state = state();
         let update = r#"{"rate_503": 50}"#;
-        let req = format!(
-            "POST /__mock/config HTTP/1.1\r\nContent-Length: {}\r\n\r\n{update}",
-            update.len()
-        );
+        let req = format!("POST /__mock/config HTTP/1.1\r\nContent-Length: {}\r\n\r\n{update}", update.len());
         let mut input = req.into_bytes();
         for _ in 0..4 {
             input.extend(post_chat(CHAT, ""));
         }
         let (out, _) = exchange(&state, &input);
-        let statuses: Vec<&str> = out
-            .split("HTTP/1.1 ")
-            .skip(1)
-            .map(|r| r.get(..3).unwrap())
-            .collect();
+        let statuses: Vec<&str> = out.split("HTTP/1.1 ").skip(1).map(|r| r.get(..3).unwrap()).collect();
         assert_eq!(statuses, vec!["200", "200", "503", "200", "503"]);
         let stats = state.stats();
         assert_eq!(stats["requests"], 4);
@@ -770,21 +654,11 @@ mod tests {
             GET /__mock/stats HTTP/1.1\r\nConnection: close\r\n\r\n";
         let (out, next) = exchange(&state, input);
         assert_eq!(next, Next::Close);
-        let statuses: Vec<&str> = out
-            .split("HTTP/1.1 ")
-            .skip(1)
-            .map(|r| r.get(..3).unwrap())
-            .collect();
-        assert_eq!(
-            statuses,
-            vec!["200", "200", "404", "405", "404", "405", "200"]
-        );
+        let statuses: Vec<&str> = out.split("HTTP/1.1 ").skip(1).map(|r| r.get(..3).unwrap()).collect();
+        assert_eq!(statuses, vec!["200", "200", "404", "405", "404", "405", "200"]);
         assert!(out.contains(r#"{"status":"ok","name":"p1"}"#));
-        assert!(out.contains(
-            r#""data":[{"id":"mock-model","object":"model","created":1730000000,"owned_by":"p1"}]"#
-        ));
-        assert!(out
-            .ends_with(r#"{"requests":3,"by_status":{"200":1,"404":1,"405":1},"by_failure":{}}"#));
+        assert!(out.contains(r#""data":[{"id":"mock-model","object":"model","created":1730000000,"owned_by":"p1"}]"#));
+        assert!(out.ends_with(r#"{"requests":3,"by_status":{"200":1,"404":1,"405":1},"by_failure":{}}"#));
     }
 
     #[test]
@@ -802,7 +676,8 @@ mod tests {
     fn expect_continue_and_split_writes_stream() {
         let state = state();
         lock(&state.settings).split_writes = true;
-        let chat = r#"{"stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"ab"}]}"#;
+        let chat =
+            r#"{"stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"ab"}]}"#;
         let (out, _) = exchange(&state, &post_chat(chat, "Expect: 100-continue\r\n"));
         assert!(out.starts_with("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n"));
         assert!(out.contains("content-type: text/event-stream\r\n"));

@@ -128,13 +128,8 @@ impl Raw<'_> {
 
     fn uint(self) -> Result<u64, String> {
         match self {
-            Raw::Cli(s) => s
-                .trim()
-                .parse()
-                .map_err(|_| format!("expected a non-negative integer, got `{s}`")),
-            Raw::Json(v) => v
-                .as_u64()
-                .ok_or_else(|| format!("expected a non-negative integer, got {v}")),
+            Raw::Cli(s) => s.trim().parse().map_err(|_| format!("expected a non-negative integer, got `{s}`")),
+            Raw::Json(v) => v.as_u64().ok_or_else(|| format!("expected a non-negative integer, got {v}")),
         }
     }
 
@@ -169,26 +164,15 @@ impl Raw<'_> {
     }
 
     fn list(self) -> Result<Option<Vec<String>>, String> {
-        let from_csv = |s: &str| {
-            Some(
-                s.split(',')
-                    .map(str::trim)
-                    .filter(|m| !m.is_empty())
-                    .map(str::to_string)
-                    .collect(),
-            )
-        };
+        let from_csv =
+            |s: &str| Some(s.split(',').map(str::trim).filter(|m| !m.is_empty()).map(str::to_string).collect());
         match self {
             Raw::Cli(s) => Ok(from_csv(s)),
             Raw::Json(Value::Null) => Ok(None),
             Raw::Json(Value::String(s)) => Ok(from_csv(s)),
             Raw::Json(Value::Array(items)) => items
                 .iter()
-                .map(|v| {
-                    v.as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| "expected an array of strings".to_string())
-                })
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| "expected an array of strings".to_string()))
                 .collect::<Result<Vec<_>, _>>()
                 .map(Some),
             Raw::Json(_) => Err("expected an array of strings or a comma-separated string".into()),
@@ -199,16 +183,12 @@ impl Raw<'_> {
 impl Settings {
     /// The assistant text: `response_text` or `"Hello from <name>."`.
     pub fn text(&self) -> String {
-        self.response_text
-            .clone()
-            .unwrap_or_else(|| format!("Hello from {}.", self.name))
+        self.response_text.clone().unwrap_or_else(|| format!("Hello from {}.", self.name))
     }
 
     /// The list served by `/v1/models`: `models` or `[model]`.
     pub fn model_list(&self) -> Vec<String> {
-        self.models
-            .clone()
-            .unwrap_or_else(|| vec![self.model.clone()])
+        self.models.clone().unwrap_or_else(|| vec![self.model.clone()])
     }
 
     /// Failure rates in [`Failure::CHECK_ORDER`].
@@ -268,8 +248,7 @@ impl Settings {
             if !KEYS.contains(&key.as_str()) {
                 return Err(format!("unknown setting `{raw_key}`"));
             }
-            next.set(&key, Raw::Json(value))
-                .map_err(|e| format!("invalid value for `{raw_key}`: {e}"))?;
+            next.set(&key, Raw::Json(value)).map_err(|e| format!("invalid value for `{raw_key}`: {e}"))?;
             keys.push(key);
         }
         *self = next;
@@ -307,19 +286,13 @@ fn parse_host(value: &str) -> Result<IpAddr, String> {
     if ip.is_loopback() {
         Ok(ip)
     } else {
-        Err(format!(
-            "refusing `--host {value}`: only loopback addresses are allowed"
-        ))
+        Err(format!("refusing `--host {value}`: only loopback addresses are allowed"))
     }
 }
 
 /// Parses the arguments after the program name.
 pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Cli, ArgsError> {
-    let mut cli = Cli {
-        host: IpAddr::V4(Ipv4Addr::LOCALHOST),
-        port: 0,
-        settings: Settings::default(),
-    };
+    let mut cli = Cli { host: IpAddr::V4(Ipv4Addr::LOCALHOST), port: 0, settings: Settings::default() };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
         if arg == "-h" || arg == "--help" {
@@ -339,20 +312,14 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Cli, ArgsEr
         let value = match inline {
             Some(v) => v,
             None if BOOL_KEYS.contains(&key.as_str()) => "true".to_string(),
-            None => args
-                .next()
-                .ok_or_else(|| ArgsError::Invalid(format!("flag `--{name}` needs a value")))?,
+            None => args.next().ok_or_else(|| ArgsError::Invalid(format!("flag `--{name}` needs a value")))?,
         };
         let result = match key.as_str() {
             "host" => parse_host(&value).map(|ip| cli.host = ip),
-            "port" => value
-                .parse::<u16>()
-                .map(|p| cli.port = p)
-                .map_err(|_| format!("invalid value for `--port`: `{value}`")),
-            _ => cli
-                .settings
-                .set(&key, Raw::Cli(&value))
-                .map_err(|e| format!("invalid value for `--{name}`: {e}")),
+            "port" => {
+                value.parse::<u16>().map(|p| cli.port = p).map_err(|_| format!("invalid value for `--port`: `{value}`"))
+            }
+            _ => cli.settings.set(&key, Raw::Cli(&value)).map_err(|e| format!("invalid value for `--{name}`: {e}")),
         };
         result.map_err(ArgsError::Invalid)?;
     }
@@ -361,12 +328,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Cli, ArgsEr
 
 #[cfg(test)]
 mod tests {
-    #![allow(
-        clippy::unwrap_used,
-        clippy::expect_used,
-        clippy::panic,
-        clippy::indexing_slicing
-    )]
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
     use serde_json::json;
 
@@ -474,10 +436,7 @@ mod tests {
         assert!(invalid(&["--host", "10.1.2.3"]).contains("loopback"));
         assert!(invalid(&["--host", "example.com"]).contains("--host"));
         assert_eq!(args(&["--help"]), Err(ArgsError::Help));
-        assert_eq!(
-            args(&["--host", "localhost"]).unwrap().host.to_string(),
-            "127.0.0.1"
-        );
+        assert_eq!(args(&["--host", "localhost"]).unwrap().host.to_string(), "127.0.0.1");
         assert!(args(&["--host", "127.0.0.2"]).is_ok());
     }
 
@@ -492,14 +451,7 @@ mod tests {
             .unwrap();
         assert_eq!(
             keys,
-            vec![
-                "rate_429",
-                "retry_after",
-                "response_text",
-                "split_writes",
-                "completion_tokens",
-                "models"
-            ]
+            vec!["rate_429", "retry_after", "response_text", "split_writes", "completion_tokens", "models"]
         );
         assert_eq!(s.rate_429, 100);
         assert_eq!(s.retry_after, "30");
@@ -507,8 +459,7 @@ mod tests {
         assert!(s.split_writes);
         assert_eq!(s.completion_tokens, Some(12));
         assert_eq!(s.model_list(), vec!["a", "b"]);
-        s.apply_json(&json!({"response_text": null, "completion_tokens": null, "models": "c,d"}))
-            .unwrap();
+        s.apply_json(&json!({"response_text": null, "completion_tokens": null, "models": "c,d"})).unwrap();
         assert_eq!(s.text(), "Hello from mock.");
         assert_eq!(s.completion_tokens, None);
         assert_eq!(s.model_list(), vec!["c", "d"]);
@@ -518,19 +469,14 @@ mod tests {
     fn json_update_errors_change_nothing() {
         let mut s = Settings::default();
         let before = s.clone();
-        let err = s
-            .apply_json(&json!({"rate_429": 50, "bogus": 1}))
-            .unwrap_err();
+        let err = s.apply_json(&json!({"rate_429": 50, "bogus": 1})).unwrap_err();
         assert!(err.contains("`bogus`"), "{err}");
         assert_eq!(s, before);
         let err = s.apply_json(&json!({"rate_503": 150})).unwrap_err();
         assert!(err.contains("`rate_503`"), "{err}");
         assert!(s.apply_json(&json!({"split_writes": "yes"})).is_err());
         assert!(s.apply_json(&json!({"name": null})).is_err());
-        assert!(s
-            .apply_json(&json!({"port": 1}))
-            .unwrap_err()
-            .contains("run time"));
+        assert!(s.apply_json(&json!({"port": 1})).unwrap_err().contains("run time"));
         assert!(s.apply_json(&json!([1])).is_err());
         assert_eq!(s, before);
     }
@@ -538,22 +484,13 @@ mod tests {
     #[test]
     fn keys_table_matches_settings() {
         let dumped = serde_json::to_value(Settings::default()).unwrap();
-        let fields: Vec<&str> = dumped
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
+        let fields: Vec<&str> = dumped.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(fields, KEYS);
     }
 
     #[test]
     fn config_json_round_trips() {
-        let s = Settings {
-            rate_429: 20,
-            response_text: Some("x".into()),
-            ..Settings::default()
-        };
+        let s = Settings { rate_429: 20, response_text: Some("x".into()), ..Settings::default() };
         let dumped = serde_json::to_value(&s).unwrap();
         assert_eq!(dumped["rate_429"], 20);
         let mut other = Settings::default();

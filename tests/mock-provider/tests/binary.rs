@@ -1,12 +1,7 @@
 //! Spawns the real binary on an ephemeral loopback port and talks raw
 //! HTTP/1.1 to it.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::panic,
-    clippy::indexing_slicing
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -39,10 +34,7 @@ fn start(args: &[&str]) -> Mock {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn mock provider");
-    let mut mock = Mock {
-        child,
-        addr: String::new(),
-    };
+    let mut mock = Mock { child, addr: String::new() };
     let stdout = mock.child.stdout.take().expect("stdout");
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).unwrap();
@@ -65,10 +57,7 @@ struct Response {
 
 impl Response {
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
     }
 
     fn json(&self) -> Value {
@@ -89,13 +78,8 @@ struct Client {
 impl Client {
     fn connect(mock: &Mock) -> Client {
         let stream = TcpStream::connect(&mock.addr).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        Client {
-            reader: BufReader::new(stream.try_clone().unwrap()),
-            writer: stream,
-        }
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Client { reader: BufReader::new(stream.try_clone().unwrap()), writer: stream }
     }
 
     fn line(&mut self) -> String {
@@ -109,13 +93,7 @@ impl Client {
         self.read_response()
     }
 
-    fn request(
-        &mut self,
-        method: &str,
-        path: &str,
-        extra: &[(&str, &str)],
-        body: &str,
-    ) -> Response {
+    fn request(&mut self, method: &str, path: &str, extra: &[(&str, &str)], body: &str) -> Response {
         let mut raw = format!("{method} {path} HTTP/1.1\r\nHost: mock\r\n");
         for (name, value) in extra {
             raw.push_str(&format!("{name}: {value}\r\n"));
@@ -126,12 +104,8 @@ impl Client {
 
     fn read_response(&mut self) -> Response {
         let status_line = self.line();
-        let status: u16 = status_line
-            .split(' ')
-            .nth(1)
-            .unwrap_or_else(|| panic!("bad status line {status_line:?}"))
-            .parse()
-            .unwrap();
+        let status: u16 =
+            status_line.split(' ').nth(1).unwrap_or_else(|| panic!("bad status line {status_line:?}")).parse().unwrap();
         let mut headers = Vec::new();
         loop {
             let line = self.line();
@@ -141,12 +115,7 @@ impl Client {
             let (name, value) = line.split_once(':').unwrap();
             headers.push((name.to_ascii_lowercase(), value.trim().to_string()));
         }
-        let mut response = Response {
-            status,
-            headers,
-            body: Vec::new(),
-            chunks: 0,
-        };
+        let mut response = Response { status, headers, body: Vec::new(), chunks: 0 };
         if response.header("transfer-encoding") == Some("chunked") {
             loop {
                 let size = usize::from_str_radix(&self.line(), 16).unwrap();
@@ -172,9 +141,7 @@ impl Client {
 }
 
 fn sse_data(body: &str) -> Vec<String> {
-    body.split_terminator("\n\n")
-        .map(|e| e.strip_prefix("data: ").unwrap().to_string())
-        .collect()
+    body.split_terminator("\n\n").map(|e| e.strip_prefix("data: ").unwrap().to_string()).collect()
 }
 
 const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"system","content":"Be brief."},{"role":"user","content":[{"type":"text","text":"Say hi"}]}]}"#;
@@ -191,16 +158,10 @@ fn completion_and_keep_alive() {
     let body = first.json();
     assert_eq!(body["object"], "chat.completion");
     assert_eq!(body["model"], "gpt-4o-mini");
-    assert_eq!(
-        body["choices"][0]["message"]["content"],
-        "Hello from alpha."
-    );
+    assert_eq!(body["choices"][0]["message"]["content"], "Hello from alpha.");
     assert_eq!(body["choices"][0]["finish_reason"], "stop");
     // "Be brief." (9) + "Say hi" (6) = 15 bytes -> ceil(15/4) = 4; "Hello from alpha." = 3 words.
-    assert_eq!(
-        body["usage"],
-        json!({"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7})
-    );
+    assert_eq!(body["usage"], json!({"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}));
 
     // Same connection, empty model falls back to --model.
     let second = client.request(
@@ -224,12 +185,7 @@ fn completion_and_keep_alive() {
 
 #[test]
 fn streaming_with_include_usage() {
-    let mock = start(&[
-        "--response-text",
-        "héllo wörld from the mock",
-        "--stream-chunks",
-        "3",
-    ]);
+    let mock = start(&["--response-text", "héllo wörld from the mock", "--stream-chunks", "3"]);
     let mut client = Client::connect(&mock);
     let body = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"12345678"}]}"#;
     let response = client.request("POST", "/v1/chat/completions", &[], body);
@@ -242,22 +198,13 @@ fn streaming_with_include_usage() {
     assert_eq!(response.chunks, 7);
     assert_eq!(events.last().unwrap(), "[DONE]");
     assert_eq!(events.iter().filter(|e| *e == "[DONE]").count(), 1);
-    let chunks: Vec<Value> = events[..6]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
+    let chunks: Vec<Value> = events[..6].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
     let with_usage: Vec<&Value> = chunks.iter().filter(|c| !c["usage"].is_null()).collect();
     assert_eq!(with_usage.len(), 1, "exactly one usage chunk");
     assert_eq!(with_usage[0]["choices"], json!([]));
-    assert_eq!(
-        with_usage[0]["usage"],
-        json!({"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7})
-    );
+    assert_eq!(with_usage[0]["usage"], json!({"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}));
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let text: String = chunks[1..4]
-        .iter()
-        .map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap())
-        .collect();
+    let text: String = chunks[1..4].iter().map(|c| c["choices"][0]["delta"]["content"].as_str().unwrap()).collect();
     assert_eq!(text, "héllo wörld from the mock");
     assert_eq!(chunks[4]["choices"][0]["finish_reason"], "stop");
 
@@ -292,21 +239,9 @@ fn chunked_request_body() {
 
 #[test]
 fn forced_429_with_retry_after() {
-    let mock = start(&[
-        "--name",
-        "beta",
-        "--retry-after",
-        "7",
-        "--retry-after-ms",
-        "7000",
-    ]);
+    let mock = start(&["--name", "beta", "--retry-after", "7", "--retry-after-ms", "7000"]);
     let mut client = Client::connect(&mock);
-    let response = client.request(
-        "POST",
-        "/v1/chat/completions",
-        &[("x-mock-fail", "429")],
-        CHAT,
-    );
+    let response = client.request("POST", "/v1/chat/completions", &[("x-mock-fail", "429")], CHAT);
     assert_eq!(response.status, 429);
     assert_eq!(response.header("retry-after"), Some("7"));
     assert_eq!(response.header("retry-after-ms"), Some("7000"));
@@ -315,10 +250,7 @@ fn forced_429_with_retry_after() {
     let error = response.json();
     assert_eq!(error["error"]["type"], "rate_limit_error");
     assert_eq!(error["error"]["code"], "rate_limit_exceeded");
-    assert_eq!(
-        error["error"]["message"],
-        "Rate limit reached for gpt-4o-mini (mock beta)"
-    );
+    assert_eq!(error["error"]["message"], "Rate limit reached for gpt-4o-mini (mock beta)");
     // Still keep-alive after an error.
     let ok = client.request("POST", "/v1/chat/completions", &[], CHAT);
     assert_eq!(ok.status, 200);
@@ -337,40 +269,20 @@ fn control_api() {
     assert_eq!(config["rate_503"], 0);
     assert_eq!(config["retry_after"], "1");
 
-    let update = client.request(
-        "POST",
-        "/__mock/config",
-        &[],
-        r#"{"rate_503": 50, "response_text": "changed text"}"#,
-    );
+    let update = client.request("POST", "/__mock/config", &[], r#"{"rate_503": 50, "response_text": "changed text"}"#);
     assert_eq!(update.status, 200);
     assert_eq!(update.json()["rate_503"], 50);
     let bad = client.request("POST", "/__mock/config", &[], r#"{"no_such_thing": 1}"#);
     assert_eq!(bad.status, 400);
-    assert!(bad.json()["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("no_such_thing"));
+    assert!(bad.json()["error"]["message"].as_str().unwrap().contains("no_such_thing"));
 
-    let statuses: Vec<u16> = (0..4)
-        .map(|_| {
-            client
-                .request("POST", "/v1/chat/completions", &[], CHAT)
-                .status
-        })
-        .collect();
+    let statuses: Vec<u16> = (0..4).map(|_| client.request("POST", "/v1/chat/completions", &[], CHAT).status).collect();
     assert_eq!(statuses, vec![200, 503, 200, 503]);
     let first = client.request("POST", "/v1/chat/completions", &[], CHAT);
-    assert_eq!(
-        first.json()["choices"][0]["message"]["content"],
-        "changed text"
-    );
+    assert_eq!(first.json()["choices"][0]["message"]["content"], "changed text");
 
     let stats = client.request("GET", "/__mock/stats", &[], "").json();
-    assert_eq!(
-        stats,
-        json!({"requests": 5, "by_status": {"200": 3, "503": 2}, "by_failure": {"503": 2}})
-    );
+    assert_eq!(stats, json!({"requests": 5, "by_status": {"200": 3, "503": 2}, "by_failure": {"503": 2}}));
     let log = client.request("GET", "/__mock/log", &[], "").json();
     let log = log.as_array().unwrap();
     assert_eq!(log.len(), 5);
@@ -381,10 +293,7 @@ fn control_api() {
     assert!(log[0]["ts"].as_f64().unwrap() > 1.7e9);
 
     let on_disk = std::fs::read_to_string(&log_file).unwrap();
-    let lines: Vec<Value> = on_disk
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<Value> = on_disk.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.as_slice(), log.as_slice());
 
     let cleared = client.request("DELETE", "/__mock/log", &[], "");
@@ -436,10 +345,7 @@ fn bad_command_lines_exit_2() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--bogus-flag"));
     assert!(out.stdout.is_empty());
 
-    let out = Command::new(BIN)
-        .args(["--host", "0.0.0.0", "--port", "0"])
-        .output()
-        .unwrap();
+    let out = Command::new(BIN).args(["--host", "0.0.0.0", "--port", "0"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("loopback"));
 }
