@@ -8,13 +8,17 @@ budget_of() {
   [ -n "$b" ] || b=$(awk '$1=="default" {print $2}' scripts/wasm-budgets.txt)
   echo "$b"
 }
-shopt -s nullglob
-files=("$WASM_DIR"/*.wasm)
-[ ${#files[@]} -gt 0 ] || die "no .wasm built in $WASM_DIR"
+# Every filter crate (filters/* except the core library) must have built its .wasm.
 fail=0
 printf '%-28s %10s %10s  %s\n' filter "size KiB" "budget" verdict
-for f in "${files[@]}"; do
-  name=$(basename "$f" .wasm)
+for dir in filters/*/; do
+  crate=$(basename "$dir")
+  [ "$crate" = core ] && continue
+  name="sluice_${crate//-/_}"
+  f="$WASM_DIR/$name.wasm"
+  if [ ! -f "$f" ]; then
+    printf '%-28s %10s %10s  %s\n' "$name" - - "NOT BUILT"; fail=1; continue
+  fi
   kib=$(( $(stat -c %s "$f") / 1024 ))
   budget=$(budget_of "$name")
   verdict=ok
