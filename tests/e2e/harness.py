@@ -46,6 +46,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class GiveUp(Exception):
+    """Raised by a wait_for predicate when waiting longer cannot help (the process died)."""
+
+
 def wait_for(pred, timeout: float, what: str, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     last_exc = None
@@ -54,6 +58,8 @@ def wait_for(pred, timeout: float, what: str, interval: float = 0.05):
             v = pred()
             if v:
                 return v
+        except GiveUp:
+            raise
         except Exception as e:  # noqa: BLE001 - polling
             last_exc = e
         time.sleep(interval)
@@ -160,7 +166,7 @@ class Envoy:
 
     def _ready(self) -> bool:
         if self.proc.poll() is not None:
-            raise RuntimeError(f"Envoy exited with {self.proc.returncode}:\n{self.log_tail()}")
+            raise GiveUp(f"Envoy exited with {self.proc.returncode}")
         r = requests.get(f"{self.admin}/ready", timeout=1)
         if r.status_code != 200:
             return False
