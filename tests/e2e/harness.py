@@ -155,7 +155,7 @@ class Envoy:
         full_env.update(env or {})
         self.proc = subprocess.Popen(
             [str(ENVOY), "-c", str(self.rendered), "--concurrency", str(concurrency), "--disable-hot-restart",
-             "--log-level", log_level, "--log-path", str(self.log_path)],
+             "--log-level", log_level, "--log-path", str(self.log_path), "--file-flush-interval-msec", "100"],
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=full_env, start_new_session=True,
         )
         try:
