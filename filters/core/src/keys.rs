@@ -37,7 +37,8 @@ pub const TTFT_MS: &str = "sluice.ttft_ms";
 pub const RETRY_AFTER: &str = "sluice.retry_after";
 /// Rate-limit verdict: the rule and window that refused, or `ok`. Written by token-ratelimit.
 pub const RATELIMIT: &str = "sluice.ratelimit";
-/// Prompt-guard verdict: `allow`, `mask:<rule>` or `reject:<rule>`. Written by prompt-guard.
+/// Prompt-guard verdict: `allow`, `mask:<rule>` or `reject:<rule>` (prefixed `shadow_` in shadow
+/// mode; `;response_mask:<rule>` appended when an answer was masked). Written by prompt-guard.
 pub const GUARD: &str = "sluice.guard";
 
 /// One row of the contract, for documentation and checks.
