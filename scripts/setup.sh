@@ -37,3 +37,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
+
+# Offline Kubernetes/Istio manifest schemas (npm @kubernetes-models/*), for tests/manifests.
+if command -v npm >/dev/null; then
+  want=$(sha256sum tests/manifests/package-lock.json | cut -d' ' -f1)
+  if [ "$(cat tests/manifests/node_modules/.sluice-lock 2>/dev/null)" != "$want" ]; then
+    say "installing manifest validators (npm ci in tests/manifests)"
+    npm ci --prefix tests/manifests --no-audit --no-fund --loglevel=error
+    echo "$want" > tests/manifests/node_modules/.sluice-lock
+  fi
+fi
