@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Benchmark: what each sluice filter costs next to bare Envoy, measured side by side in one run.
+#   scripts/bench.sh              full run, writes docs/benchmarks.md (about 8 min of load after
+#                                 setup + build; under 15 min from a fresh clone)
+#   scripts/bench.sh --quick      ~2-minute smoke run of every configuration (not for conclusions)
+#   scripts/bench.sh --quick --no-build --configs bare --out /tmp/b.md   (tests/e2e/test_bench.py)
+# Options for the load (passed to bench/bench.py; `scripts/bench.sh --help` lists them):
+#   --configs a,b  --rounds N  --latency-seconds S  --throughput-seconds S  --connections 4,16,64
+#   --stream-requests N  --out FILE (default docs/benchmarks.md)  --json FILE  --workdir DIR
+# Options of this script:
+#   --no-build   skip scripts/setup.sh and scripts/build.sh (use what is already built)
+#   --no-micro   skip the native micro-benchmarks (cargo bench -p sluice-core; skipped by --quick)
+# Needs wrk (Debian; scripts/setup.sh installs it from scripts/apt-packages.txt). 127.0.0.1 only;
+# every load is bounded in time; every process the run starts is stopped at the end, also on
+# failure or Ctrl-C (bench/bench.py stops them in a finally block, by PID).
+. "$(dirname "$0")/lib.sh"
+cd "$ROOT"
+started=$(now)
+
+build=1
+micro=1
+args=()
+for a in "$@"; do
+  case "$a" in
+    --no-build) build=0 ;;
+    --no-micro) micro=0 ;;
+    --quick) micro=0; args+=("$a") ;;
+    -h|--help) sed -n '2,/^\. /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo
+               exec "$VENV/bin/python" bench/bench.py --help ;;
+    *) args+=("$a") ;;
+  esac
+done
+
+if [ "$build" = 1 ]; then
+  scripts/setup.sh
+  # The benchmark's floor filter (bench/noop-filter; not a workspace member, own target dir).
+  cargo build --release --target wasm32-wasip1 --manifest-path bench/noop-filter/Cargo.toml \
+    --target-dir target/bench-noop || say "warning: bench/noop-filter did not build (its rows say not built)"
+  if scripts/build.sh; then
+    build_note="scripts/setup.sh and scripts/build.sh ran first"
+  else
+    # A filter that does not build (or is over its size budget) must not hide the others' numbers:
+    # go on with what is built; the report says so, and a missing .wasm shows as "not built".
+    say "warning: scripts/build.sh failed; benchmarking whatever is built"
+    build_note="scripts/build.sh FAILED: some .wasm may be missing or stale"
+  fi
+else
+  build_note="--no-build: used the binaries already built"
+fi
+command -v wrk >/dev/null || die "wrk not found: run scripts/setup.sh (it installs scripts/apt-packages.txt)"
+
+micro_args=()
+if [ "$micro" = 1 ]; then
+  say "native micro-benchmarks (cargo bench -p sluice-core --bench hot_paths)"
+  mkdir -p "$ROOT/.work"
+  micro_out="$ROOT/.work/bench-micro.md"
+  if cargo bench -p sluice-core --bench hot_paths > "$micro_out"; then
+    micro_args=(--micro "$micro_out")
+  else
+    say "warning: the micro-benchmarks failed; the report will not have them"
+  fi
+fi
+
+say "load benchmark (bench/bench.py)"
+exec "$VENV/bin/python" bench/bench.py --build-note "$build_note" --started-at "$started" \
+  ${micro_args[@]+"${micro_args[@]}"} ${args[@]+"${args[@]}"}
