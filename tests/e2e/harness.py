@@ -204,6 +204,10 @@ class Envoy:
             return []
         return [json.loads(line) for line in lines if line.startswith("{")]
 
+    def wait_access_log(self, pred, timeout: float = 10.0, what: str = "access log lines") -> list[dict]:
+        """Entries of the access log once `pred(entries)` holds (Envoy flushes the file every 100 ms)."""
+        return wait_for(lambda: (lambda e: e if pred(e) else None)(self.access_log()), timeout, what)
+
     def stop(self) -> None:
         _stop(self.proc)
 

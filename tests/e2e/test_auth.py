@@ -156,7 +156,8 @@ def test_seed_002_jwt_and_rbac(gateway, jwks_servers, tmp_path):
     users = [{k.lower(): v for k, v in e["headers"].items()}["x-sluice-user"] for e in seen]
     assert users == ["alice", "bob", "alice"]
     # Filter state reaches the access log.
-    log = wait_for(lambda: [e for e in gw.envoy.access_log() if e.get("path") == "/qwen-dev"] or None, 10, "access log")
+    log = [e for e in gw.envoy.wait_access_log(lambda es: len([e for e in es if e.get("path") == "/qwen-dev"]) >= 2)
+           if e.get("path") == "/qwen-dev"]
     assert {(e["user"], e["team"], e["http.status"]) for e in log} == {("alice", "dev", 200), ("bob", "ops", 403)}
     # Decisions are counted (Prometheus labels from the embedded tags).
     wait_for(lambda: 'sluice_auth_decisions{sluice_action="deny",sluice_reason="rbac"} 1' in gw.envoy.prometheus(),

@@ -78,5 +78,7 @@ def test_api_key_identity(gateway, jwks_servers, tmp_path):
     # The key never reaches the provider; the access log names the key's subject.
     for e in gw.mocks[18001].log():
         assert "x-api-key" not in {h.lower() for h in e["headers"]}
-    log = [e for e in gw.envoy.access_log() if e.get("http.status") == 200]
+    n_ok = sum(1 for e in gw.mocks[18001].log() if e["path"].endswith("/chat/completions"))
+    log = [e for e in gw.envoy.wait_access_log(lambda es: sum(e.get("http.status") == 200 for e in es) >= n_ok)
+           if e.get("http.status") == 200]
     assert log and all(e["user"] == "ci-bot" and e["team"] == "platform" for e in log), log
