@@ -5,7 +5,7 @@ use crate::keys::{KeySet, KeySource};
 use crate::rules::Rule;
 use jsonwebtoken::Algorithm;
 use serde_json::Value;
-use sluice_core::config::{parse_duration, validate_header_name, ConfigError};
+use sluice_core::config::{json_kind, parse_duration, validate_header_name, ConfigError};
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
@@ -71,17 +71,6 @@ fn join(path: &str, key: &str) -> String {
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
-}
-
 impl<'a> Obj<'a> {
     /// Read `v` at `path` as an object.
     pub fn new(v: &'a Value, path: &str) -> Result<Self, ConfigError> {
@@ -89,7 +78,7 @@ impl<'a> Obj<'a> {
             Value::Object(map) => Ok(Self { map, path: path.to_string() }),
             other => Err(ConfigError::new(
                 if path.is_empty() { "." } else { path },
-                format!("expected an object, got {}", type_name(other)),
+                format!("expected an object, got {}", json_kind(other)),
             )),
         }
     }
@@ -120,7 +109,7 @@ impl<'a> Obj<'a> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(self.err(key, format!("expected a string, got {}", type_name(v)))),
+            Some(v) => Err(self.err(key, format!("expected a string, got {}", json_kind(v)))),
         }
     }
     fn required(&self, key: &str) -> Result<String, ConfigError> {
@@ -130,7 +119,7 @@ impl<'a> Obj<'a> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(self.err(key, format!("expected true or false, got {}", type_name(v)))),
+            Some(v) => Err(self.err(key, format!("expected true or false, got {}", json_kind(v)))),
         }
     }
     fn count(&self, key: &str) -> Result<Option<usize>, ConfigError> {
@@ -140,7 +129,7 @@ impl<'a> Obj<'a> {
                 .as_u64()
                 .and_then(|n| usize::try_from(n).ok())
                 .map(Some)
-                .ok_or_else(|| self.err(key, format!("expected a non-negative integer, got {}", type_name(v)))),
+                .ok_or_else(|| self.err(key, format!("expected a non-negative integer, got {}", json_kind(v)))),
         }
     }
     fn duration(&self, key: &str) -> Result<Option<Duration>, ConfigError> {
@@ -160,7 +149,7 @@ impl<'a> Obj<'a> {
                 let base = join(&self.path, key);
                 Ok(Some(a.iter().enumerate().map(|(i, v)| (format!("{base}[{i}]"), v)).collect()))
             }
-            Some(v) => Err(self.err(key, format!("expected a list, got {}", type_name(v)))),
+            Some(v) => Err(self.err(key, format!("expected a list, got {}", json_kind(v)))),
         }
     }
     fn strings(&self, key: &str) -> Result<Option<Vec<String>>, ConfigError> {
@@ -170,7 +159,7 @@ impl<'a> Obj<'a> {
             .map(|(path, v)| {
                 v.as_str()
                     .map(str::to_string)
-                    .ok_or_else(|| ConfigError::new(path, format!("expected a string, got {}", type_name(v))))
+                    .ok_or_else(|| ConfigError::new(path, format!("expected a string, got {}", json_kind(v))))
             })
             .collect::<Result<Vec<_>, _>>()
             .map(Some)

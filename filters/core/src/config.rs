@@ -119,6 +119,21 @@ pub fn de_opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duratio
     s.map(|s| parse_duration(&s).map_err(serde::de::Error::custom)).transpose()
 }
 
+/// How a config error names a JSON value's type: `"a string"`, `"an array"`, ... (for strict
+/// hand-written readers over `serde_json::Value`, which some filters use instead of serde
+/// derive to stay inside their wasm size budget).
+pub fn json_kind(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
 /// What a filter does when it cannot decide (a callout failed, a backend is down).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -235,6 +250,13 @@ mod tests {
         assert_eq!(ConfigError::new("limit", "x").within("rules[0]").field, "rules[0].limit");
         assert_eq!(ConfigError::new("[1]", "x").within("backups").field, "backups[1]");
         assert_eq!(ConfigError::new(".", "x").within("auth").to_string(), "auth: x");
+    }
+
+    #[test]
+    fn json_kinds() {
+        assert_eq!(json_kind(&serde_json::json!([1])), "an array");
+        assert_eq!(json_kind(&serde_json::json!({})), "an object");
+        assert_eq!(json_kind(&serde_json::Value::Null), "null");
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 use crate::template::ValueTemplate;
 use serde_json::{Map, Number, Value};
-use sluice_core::config::{ConfigError, FailureMode};
+use sluice_core::config::{json_kind, ConfigError, FailureMode};
 use sluice_core::wire::{ChatRequest, WireError};
 
 /// Default cap on the buffered request body.
@@ -147,7 +147,7 @@ impl Fields {
     fn new(value: Value, known: &'static [&'static str]) -> Result<Self, ConfigError> {
         match value {
             Value::Object(map) => Ok(Self { map, known }),
-            other => Err(ConfigError::new(".", format!("expected an object, found {}", kind(&other)))),
+            other => Err(ConfigError::new(".", format!("expected an object, found {}", json_kind(&other)))),
         }
     }
 
@@ -160,7 +160,7 @@ impl Fields {
         match self.take(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(other) => Err(ConfigError::new(key, format!("expected a string, found {}", kind(&other)))),
+            Some(other) => Err(ConfigError::new(key, format!("expected a string, found {}", json_kind(&other)))),
         }
     }
 
@@ -168,7 +168,7 @@ impl Fields {
         match self.take(key) {
             None => Ok(None),
             Some(Value::Object(m)) => Ok(Some(m)),
-            Some(other) => Err(ConfigError::new(key, format!("expected an object, found {}", kind(&other)))),
+            Some(other) => Err(ConfigError::new(key, format!("expected an object, found {}", json_kind(&other)))),
         }
     }
 
@@ -176,7 +176,7 @@ impl Fields {
         match self.take(key) {
             None => Ok(Vec::new()),
             Some(Value::Array(a)) => Ok(a),
-            Some(other) => Err(ConfigError::new(key, format!("expected an array, found {}", kind(&other)))),
+            Some(other) => Err(ConfigError::new(key, format!("expected an array, found {}", json_kind(&other)))),
         }
     }
 
@@ -200,17 +200,6 @@ impl Fields {
                 format!("unknown field `{k}`, expected one of {}", self.known.join(", ")),
             )),
         }
-    }
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -6,7 +6,7 @@
 //! derived visitors (wrapped for field paths) cost ~100 KiB of wasm, a third of the budget.
 
 use serde_json::{Map, Value};
-use sluice_core::config::{parse_duration, validate_header_name, ConfigError, FailureMode};
+use sluice_core::config::{json_kind, parse_duration, validate_header_name, ConfigError, FailureMode};
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -97,19 +97,11 @@ fn join(path: &str, key: &str) -> String {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
-}
-
 fn wrong(path: &str, v: &Value, want: &str) -> ConfigError {
-    ConfigError::new(if path.is_empty() { "." } else { path }, format!("invalid type: {}, expected {want}", kind(v)))
+    ConfigError::new(
+        if path.is_empty() { "." } else { path },
+        format!("invalid type: {}, expected {want}", json_kind(v)),
+    )
 }
 
 impl<'a> Obj<'a> {
