@@ -11,30 +11,8 @@ use sluice_core::sse::{SseEvent, SseParser};
 use sluice_core::usage::{usage_from_json, usage_from_value, StreamUsage};
 use sluice_core::wire::{ChatRequest, ChatResponse, ErrorBody, WireError};
 
-/// xorshift64*: tiny, deterministic, good enough to pick test cases.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// Uniform-ish in `0..n` (`n > 0`).
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-}
+mod common;
+use common::Rng;
 
 fn fixtures() -> Vec<Value> {
     vec![
