@@ -16,7 +16,8 @@
 
 use sluice_core::sse::SseParser;
 use sluice_core::usage::{usage_from_json, StreamUsage};
-use sluice_core::wire::{ChatRequest, Message};
+use sluice_core::api::{self, Api};
+use sluice_core::json;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -187,20 +188,23 @@ fn main() {
 
     for (label, size) in [("4k", 4096), ("32k", 32768)] {
         let body = chat_body(size);
-        b.run(&format!("wire: parse chat request {label}"), body.len(), || ChatRequest::parse(black_box(&body)));
-        let parsed = ChatRequest::parse(&body).unwrap();
-        b.run(&format!("wire: serialize chat request {label}"), body.len(), || black_box(&parsed).to_vec());
-        // The body rewrite every body filter does: parse, change, serialize (enrichment's
-        // prepend, failover's model swap, usage-metrics' include_usage).
+        b.run(&format!("json: strict parse of a chat request {label}"), body.len(), || {
+            json::parse_object(black_box(&body))
+        });
+        let parsed = json::parse_object(&body).unwrap();
+        b.run(&format!("json: serialize chat request {label}"), body.len(), || serde_json::to_vec(black_box(&parsed)));
+        b.run(&format!("api: prompt bytes of a chat request {label}"), body.len(), || api::prompt_bytes(black_box(&parsed)));
+        // The body rewrite a composed gateway does once: parse, change, serialize
+        // (enrichment's prepend, failover's model swap, usage-metrics' include_usage).
         b.run(
-            &format!("wire: rewrite chat request {label} (parse + prepend + set model + serialize)"),
+            &format!("rewrite chat request {label} (parse + prepend + set model + serialize)"),
             body.len(),
             || {
-                let mut req = ChatRequest::parse(black_box(&body)).unwrap();
-                req.messages.insert(0, Message::with_text("system", "You answer for bench-user."));
-                req.model = Some("gpt-4o-mini".into());
-                req.ensure_include_usage();
-                req.to_vec()
+                let mut req = json::parse_object(black_box(&body)).unwrap();
+                api::add_system_text(Api::Chat, &mut req, "You answer for bench-user.");
+                api::set_model(&mut req, "gpt-4o-mini");
+                api::ensure_include_usage(Api::Chat, &mut req);
+                serde_json::to_vec(&req)
             },
         );
     }
@@ -226,10 +230,11 @@ fn main() {
     });
     b.run("sse + usage: parse stream and observe usage (usage-metrics per stream)", stream_bytes, || {
         let mut p = SseParser::new();
-        let mut u = StreamUsage::new();
+        let mut u = StreamUsage::new(Api::Chat);
         for chunk in &stream {
             for e in p.feed(black_box(chunk)) {
-                u.observe(&e);
+                let data = json::parse_lenient(e.data.as_bytes());
+                u.observe(data.as_ref(), e.is_done());
             }
         }
         u.usage()

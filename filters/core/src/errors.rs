@@ -55,6 +55,11 @@ impl LocalReply {
         )
     }
 
+    /// 500 for a state the filter cannot continue from (a bug: never a silent pass).
+    pub fn internal(filter: &str) -> Self {
+        Self::openai_error(500, "server_error", "gateway_internal_error", &format!("{filter}: internal error"))
+    }
+
     /// 500 when the filter's configuration failed to load and it fails closed.
     pub fn misconfigured(filter: &str) -> Self {
         Self::openai_error(

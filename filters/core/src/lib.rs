@@ -1,16 +1,34 @@
-//! sluice-core: what several sluice filters need, in plain Rust.
+//! sluice-core: what every sluice filter shares, in plain Rust.
 //!
-//! Nothing here calls a proxy-wasm host function except `proxy_host`, which exists only
-//! on wasm32 builds; everything else is tested natively and inside a wasm runtime.
+//! - [`stage`]: the one stage interface (`Plugin` per VM, `Stage` per request);
+//! - [`pipeline`]: runs stages over one [`exchange::Exchange`] and decides what Envoy is told;
+//! - [`host`]: the host operations as a trait, the Envoy-faithful `FakeHost`, `CountingHost`;
+//! - [`api`]: the one place that knows the wire formats (chat, completions, responses,
+//!   embeddings, Anthropic messages); [`usage`]: token usage in all of them; [`sse`]: the
+//!   incremental SSE parser; [`json`]: strict parsing (duplicate keys refused);
+//! - [`config`]: the one config reader; [`metrics`]: the one metrics helper; [`keys`]: the
+//!   filter-state contract; [`route`]: per-route settings; [`encoding`]: the host's binary
+//!   encodings; [`errors`]: OpenAI-style local replies.
+//!
+//! Nothing here calls a proxy-wasm host function except `proxy_host` and `glue`, which exist
+//! only on wasm32 builds; everything else is tested natively and inside a wasm runtime.
 
+pub mod api;
 pub mod config;
+pub mod encoding;
 pub mod errors;
+pub mod exchange;
 pub mod host;
+pub mod json;
 pub mod keys;
 pub mod metrics;
+pub mod pipeline;
+pub mod route;
 pub mod sse;
+pub mod stage;
 pub mod usage;
-pub mod wire;
 
+#[cfg(target_arch = "wasm32")]
+pub mod glue;
 #[cfg(target_arch = "wasm32")]
 pub mod proxy_host;

@@ -8,7 +8,12 @@
 //! `sluice_tokens{gen_ai_token_type="input",gen_ai_provider_name="openai"}`.
 //! Values may contain dots (`gpt-4.1`); characters outside `[A-Za-z0-9._:/-]` become `_`.
 
+use crate::host::Host;
+use std::cell::RefCell;
 use std::collections::HashMap;
+
+/// Counter of metric updates dropped because a VM reached its cap of distinct names.
+pub const DROPPED: &str = "sluice_metrics_dropped";
 
 /// Every tag name a sluice metric may carry. No name is a suffix of another, so each
 /// extractor regex matches only its own tag.
@@ -92,7 +97,8 @@ pub enum MetricKind {
 }
 
 /// Per-VM cache of metric ids, so `define_metric` runs once per distinct name.
-/// Bounded: past `max_names` distinct names, new names fold into `overflow_name`.
+/// Bounded: past `max_names` distinct names, new names are not recorded (and counted in
+/// [`DROPPED`] so the loss is visible).
 #[derive(Debug, Default)]
 pub struct MetricIds {
     ids: HashMap<String, u32>,
@@ -127,6 +133,118 @@ impl MetricIds {
     /// True when nothing is defined yet.
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
+    }
+}
+
+
+/// The one metrics helper: defines each name once per VM (cached id) and updates it.
+/// Interior mutability is local to each call (no borrow is held across host calls that could
+/// re-enter), so it is never busy.
+#[derive(Debug)]
+pub struct Metrics {
+    ids: RefCell<MetricIds>,
+    dropped: RefCell<Option<u32>>,
+}
+
+impl Metrics {
+    /// At most `max_names` distinct names per VM.
+    pub fn new(max_names: usize) -> Self {
+        Self { ids: RefCell::new(MetricIds::new(max_names)), dropped: RefCell::new(None) }
+    }
+
+    fn id(&self, host: &mut dyn Host, kind: MetricKind, name: &str) -> Option<u32> {
+        let found = match self.ids.try_borrow_mut() {
+            Ok(mut ids) => ids.get_or_define(name, |n| host.define_metric(kind, n)),
+            Err(_) => None,
+        };
+        if found.is_none() {
+            let id = match self.dropped.try_borrow_mut() {
+                Ok(mut d) => *d.get_or_insert_with(|| host.define_metric(MetricKind::Counter, DROPPED).unwrap_or(u32::MAX)),
+                Err(_) => u32::MAX,
+            };
+            if id != u32::MAX {
+                host.increment_metric(id, 1);
+            }
+        }
+        found
+    }
+
+    /// Add `by` to the counter `base` with `tags`.
+    pub fn count(&self, host: &mut dyn Host, base: &str, tags: &[(&str, &str)], by: u64) {
+        let name = tagged_name(base, tags);
+        if let Some(id) = self.id(host, MetricKind::Counter, &name) {
+            host.increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Record `value` in the histogram `base` with `tags`.
+    pub fn record(&self, host: &mut dyn Host, base: &str, tags: &[(&str, &str)], value: u64) {
+        let name = tagged_name(base, tags);
+        if let Some(id) = self.id(host, MetricKind::Histogram, &name) {
+            host.record_metric(id, value);
+        }
+    }
+
+    /// Add `by` (may be negative) to the gauge `base` with `tags`.
+    pub fn gauge(&self, host: &mut dyn Host, base: &str, tags: &[(&str, &str)], by: i64) {
+        let name = tagged_name(base, tags);
+        if let Some(id) = self.id(host, MetricKind::Gauge, &name) {
+            host.increment_metric(id, by);
+        }
+    }
+
+    /// Distinct names defined so far.
+    pub fn len(&self) -> usize {
+        self.ids.try_borrow().map_or(0, |i| i.len())
+    }
+
+    /// True when nothing is defined yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Bounds a label to values the operator declared (e.g. the models the gateway serves):
+/// anything else is reported as `other`, so client input cannot create series.
+#[derive(Debug, Clone, Default)]
+pub struct KnownValues {
+    values: Vec<String>,
+    /// Prefix patterns (`gpt-4o*`).
+    prefixes: Vec<String>,
+}
+
+impl KnownValues {
+    /// Values and `prefix*` patterns.
+    pub fn new(items: &[String]) -> Self {
+        let mut out = Self::default();
+        for i in items {
+            match i.strip_suffix('*') {
+                Some(p) => out.prefixes.push(p.to_string()),
+                None => out.values.push(i.clone()),
+            }
+        }
+        out
+    }
+
+    /// Add a value learnt from trusted config (route or endpoint metadata).
+    pub fn learn(&mut self, v: &str) {
+        if !v.is_empty() && !self.values.iter().any(|x| x == v) && self.values.len() < 4096 {
+            self.values.push(v.to_string());
+        }
+    }
+
+    /// Whether `v` is known.
+    pub fn contains(&self, v: &str) -> bool {
+        self.values.iter().any(|x| x == v) || self.prefixes.iter().any(|p| v.starts_with(p.as_str()))
+    }
+
+    /// The label for `v`: itself when known, else `other`.
+    pub fn label<'a>(&self, v: &'a str) -> &'a str {
+        if self.contains(v) {
+            v
+        } else {
+            "other"
+        }
     }
 }
 
@@ -204,12 +322,11 @@ mod tests {
     fn envoy_bootstrap_carries_the_stats_tags() {
         // envoy/stats-tags.yaml is the copy every example pastes; keep it in sync.
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../envoy/stats-tags.yaml");
-        if let Ok(text) = std::fs::read_to_string(path) {
-            assert!(
-                text.contains(&stats_tags_yaml()),
-                "envoy/stats-tags.yaml is out of date; regenerate with the text of stats_tags_yaml()"
-            );
-        }
+        let text = std::fs::read_to_string(path).expect("envoy/stats-tags.yaml must exist");
+        assert!(
+            text.contains(&stats_tags_yaml()),
+            "envoy/stats-tags.yaml is out of date; regenerate with the text of stats_tags_yaml()"
+        );
     }
 
     #[test]
@@ -225,6 +342,29 @@ mod tests {
         assert_eq!(ids.get_or_define("b", &mut def), Some(2));
         assert_eq!(ids.get_or_define("c", &mut def), None);
         assert_eq!(ids.len(), 2);
+    }
+
+    #[test]
+    fn metrics_helper_defines_once_and_reports_drops() {
+        let mut h = crate::host::FakeHost::default();
+        let m = Metrics::new(1);
+        m.count(&mut h, "a", &[("sluice_action", "x")], 2);
+        m.count(&mut h, "a", &[("sluice_action", "x")], 3);
+        assert_eq!(h.metric("a.sluice_action=.=x;.;"), Some(5));
+        m.count(&mut h, "b", &[], 1);
+        assert_eq!(h.metric("b"), None);
+        assert_eq!(h.metric(DROPPED), Some(1));
+        assert_eq!(m.len(), 1);
+    }
+
+    #[test]
+    fn known_values_bound_labels() {
+        let mut k = KnownValues::new(&["gpt-4o".into(), "llama*".into()]);
+        assert_eq!(k.label("gpt-4o"), "gpt-4o");
+        assert_eq!(k.label("llama-3.1-8b"), "llama-3.1-8b");
+        assert_eq!(k.label("random-xyz"), "other");
+        k.learn("random-xyz");
+        assert_eq!(k.label("random-xyz"), "random-xyz");
     }
 
     #[test]
