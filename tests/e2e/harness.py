@@ -31,8 +31,11 @@ import requests
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv" / "bin"
 ENVOY = Path(os.environ.get("SLUICE_ENVOY", VENV_BIN / "envoy"))
-WASM_DIR = ROOT / "target" / "wasm32-wasip1" / "release"
-MOCK_BIN = ROOT / "target" / "release" / "sluice-mock-provider"
+# SLUICE_TARGET_DIR points the configs' `target/...` wasm paths at another cargo target dir
+# (a developer building in a private target dir); the default is the repo's own.
+TARGET_DIR = Path(os.environ.get("SLUICE_TARGET_DIR", ROOT / "target"))
+WASM_DIR = TARGET_DIR / "wasm32-wasip1" / "release"
+MOCK_BIN = Path(os.environ.get("SLUICE_MOCK_BIN", ROOT / "target" / "release" / "sluice-mock-provider"))
 WORK = ROOT / ".work" / "e2e"
 
 LISTENER_PORT = 10000
@@ -220,7 +223,7 @@ def render_config(text: str, port_map: dict[int, int], access_log: str | None = 
     text = re.sub(r"(port_value:\s*)(\d+)", port, text)
     # Ports inside URLs / strings, e.g. a JWKS uri "http://127.0.0.1:18101/jwks".
     text = re.sub(r"(127\.0\.0\.1:)(\d+)", port, text)
-    text = text.replace("filename: target/", f"filename: {ROOT}/target/")
+    text = text.replace("filename: target/", f"filename: {TARGET_DIR}/")
     if access_log:
         text = text.replace("path: /dev/stdout", f"path: {access_log}")
     return text

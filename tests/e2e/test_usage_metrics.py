@@ -254,16 +254,17 @@ def test_broken_provider_answers_complete_and_count_as_estimates(gateway):
 def variant(workdir: Path, config_json: str) -> Path:
     """The example with another filter configuration, written under the test's workdir."""
     text = (ROOT / CONFIG).read_text()
-    old = """value: '{"inject_include_usage":true,"max_response_body_bytes":4194304}'"""
-    assert old in text
+    old = re.search(r"value: '\{\"inject_include_usage\".*'", text)
+    assert old, "the example's filter configuration line"
     path = workdir / "usage-metrics-variant" / "envoy.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text.replace(old, f"value: '{config_json}'"))
+    path.write_text(text.replace(old.group(0), f"value: '{config_json}'"))
     return path
 
 
 def test_request_cap_and_opt_in_user_labels(gateway, workdir):
-    cfg = variant(workdir, '{"max_request_body_bytes":2048,"user_label":true,"team_label":true}')
+    cfg = variant(workdir, '{"max_request_body_bytes":2048,"user_label":true,"team_label":true,'
+                          '"known_models":["gpt-4o","gpt-4o-mini"]}')
     gw = gateway(cfg, mocks=MOCKS)
     # Over the cap: 413 in the OpenAI error shape, nothing reaches the provider.
     r = gw.post(json_body=chat("x" * 4000, model="gpt-4o"))

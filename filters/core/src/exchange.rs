@@ -441,17 +441,17 @@ impl Exchange {
         self.identity = Some(id);
     }
 
-    /// The model the client asked for (after route defaults and enrichment).
+    /// The model the client asked for (after route defaults and enrichment): set by a stage,
+    /// else the body's `model`, else the route's `default_model`.
     pub fn model(&mut self) -> Option<String> {
-        if self.model.is_none() {
-            self.model = self
-                .request
-                .json()
-                .and_then(crate::api::model)
-                .map(str::to_string)
-                .or_else(|| self.route.str("default_model").map(str::to_string));
+        if self.model.is_some() {
+            return self.model.clone();
         }
-        self.model.clone()
+        self.request
+            .json()
+            .and_then(crate::api::model)
+            .map(str::to_string)
+            .or_else(|| self.route.str("default_model").map(str::to_string))
     }
 
     /// Set the requested model (a stage that changed it) and publish it.

@@ -38,20 +38,6 @@ pub fn start(name: &'static str, version: &'static str, assemble: Assemble) {
     proxy_wasm::set_root_context(new_root);
 }
 
-/// Declare a filter's entry point: `filter_main!("auth", sluice_auth::assemble);`.
-#[macro_export]
-macro_rules! filter_main {
-    ($name:expr, $assemble:path) => {
-        #[cfg(target_arch = "wasm32")]
-        #[allow(unsafe_code)] // proxy_wasm::main! exports the module's initializer
-        mod sluice_entry {
-            proxy_wasm::main! {{
-                $crate::glue::start($name, env!("CARGO_PKG_VERSION"), $assemble);
-            }}
-        }
-    };
-}
-
 struct Root {
     name: &'static str,
     version: &'static str,
@@ -141,7 +127,7 @@ impl RootContext for Root {
             let slots = self
                 .plugins
                 .iter()
-                .map(|p| Slot { stage: p.stage(), name: p.name(), limit: p.body_limit() })
+                .map(|p| Slot::of(p.as_ref()))
                 .collect();
             Pipeline::new(id, slots, Rc::clone(&self.routes))
         } else {

@@ -32,3 +32,23 @@ pub mod usage;
 pub mod glue;
 #[cfg(target_arch = "wasm32")]
 pub mod proxy_host;
+
+/// Declare a filter's entry point: `sluice_core::filter_main!(NAME, assemble);`
+/// (expands to nothing on native builds, so the crate's tests link).
+#[macro_export]
+macro_rules! filter_main {
+    ($name:expr, $assemble:path) => {
+        #[cfg(target_arch = "wasm32")]
+        fn sluice_start() {
+            $crate::glue::start($name, env!("CARGO_PKG_VERSION"), $assemble);
+        }
+        #[cfg(target_arch = "wasm32")]
+        #[allow(unsafe_code)] // proxy_wasm::main! exports the module's initializer
+        mod sluice_entry {
+            proxy_wasm::main! {{
+                super::sluice_start();
+            }}
+        }
+    };
+}
+

@@ -32,6 +32,7 @@ pub const TAG_NAMES: &[&str] = &[
     "sluice_window",
     "sluice_user",
     "sluice_team",
+    "sluice_currency",
 ];
 
 /// Longest value kept in a tag; longer values are cut (bounded stat-name size).

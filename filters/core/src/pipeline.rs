@@ -61,6 +61,15 @@ pub struct Slot {
     pub name: &'static str,
     /// The plugin's body limit.
     pub limit: Option<usize>,
+    /// The plugin holds request headers until its decision (`Plugin::holds_headers`).
+    pub hold: bool,
+}
+
+impl Slot {
+    /// The slot of one plugin's stage for one request.
+    pub fn of(p: &dyn crate::stage::Plugin) -> Self {
+        Self { stage: p.stage(), name: p.name(), limit: p.body_limit(), hold: p.holds_headers() }
+    }
 }
 
 /// The state of one HTTP stream through the stages.
@@ -115,7 +124,7 @@ impl Pipeline {
     /// A pipeline that refuses every request with 500 (no valid configuration: unreachable,
     /// since Envoy refuses a filter whose `on_configure` failed, but never a silent pass).
     pub fn misconfigured(id: u32, name: &'static str) -> Self {
-        let slots = vec![Slot { stage: Box::new(Misconfigured(name)), name, limit: None }];
+        let slots = vec![Slot { stage: Box::new(Misconfigured(name)), name, limit: None, hold: true }];
         Self::new(id, slots, Rc::new(RefCell::new(RouteCache::default())))
     }
 
@@ -200,6 +209,12 @@ impl Pipeline {
                         self.x.request.body = Some(new);
                         self.x.request.mark_unchanged();
                     }
+                    if self.x.body_use() >= BodyUse::Json {
+                        // For access logs, traces and separate filters (same value: cheap).
+                        if let Some(m) = self.x.model() {
+                            keys::set_filter_state(h, keys::REQUESTED_MODEL, &m);
+                        }
+                    }
                     self.phase = Phase::Forwarded;
                 }
                 Phase::Forwarded => return Act::Continue,
@@ -257,7 +272,11 @@ impl Pipeline {
             }
         }
         self.phase = Phase::AwaitBody;
-        Some(Act::Pause)
+        if self.slots.iter().any(|s| s.hold) {
+            return Some(Act::Pause);
+        }
+        // No stage needs the headers held: they go on, the body waits.
+        Some(Act::Continue)
     }
 
     /// The body is complete: refuse what no stage may read.

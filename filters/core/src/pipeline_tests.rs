@@ -98,7 +98,7 @@ fn pipeline(stages: Vec<Probe>) -> Pipeline {
         .into_iter()
         .map(|p| {
             let name = p.name;
-            Slot { stage: Box::new(p) as Box<dyn Stage>, name, limit: Some(1000) }
+            Slot { stage: Box::new(p) as Box<dyn Stage>, name, limit: Some(1000), hold: true }
         })
         .collect();
     Pipeline::new(7, slots, Rc::new(RefCell::new(RouteCache::default())))
@@ -282,7 +282,7 @@ fn waiting_without_a_callout_is_refused_not_hung() {
     }
     let mut p = Pipeline::new(
         1,
-        vec![Slot { stage: Box::new(Broken), name: "broken", limit: None }],
+        vec![Slot { stage: Box::new(Broken), name: "broken", limit: None, hold: true }],
         Rc::new(RefCell::new(RouteCache::default())),
     );
     let mut h = post();

@@ -97,6 +97,14 @@ pub trait Plugin {
         None
     }
 
+    /// Whether the request headers must wait for this plugin's decision on the body (true:
+    /// a refused request never reaches the provider, which needs Envoy's
+    /// `allow_on_headers_stop_iteration: true`). A plugin that only reads or rewrites the body
+    /// returns false: its filter works without that setting (headers go on, the body is held).
+    fn holds_headers(&self) -> bool {
+        true
+    }
+
     /// How often `on_tick` should run.
     fn tick_period(&self) -> Option<Duration> {
         None

@@ -1,61 +1,67 @@
-//! Plugin configuration: `RawConfig` is read strictly, `Config::try_from` checks ranges.
+//! Plugin configuration, read with the one core reader (`sluice_core::config::Obj`).
 
-use serde::Deserialize;
-use sluice_core::config::{parse_json_config, ConfigError};
+use sluice_core::config::{ConfigError, Obj};
+use sluice_core::metrics::KnownValues;
 
 /// Default cap on a request body the filter reads (Envoy's default buffer limit).
 pub const DEFAULT_MAX_REQUEST_BODY_BYTES: usize = 1024 * 1024;
-/// Default cap on a non-streaming JSON response body the filter copies to read its usage.
+/// Default cap on a non-streaming JSON response body read for its usage.
 pub const DEFAULT_MAX_RESPONSE_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// Default cap on distinct user (and, separately, team) label values per VM.
 pub const DEFAULT_MAX_LABEL_VALUES: usize = 100;
 /// Default cap on distinct metric names (label combinations) per VM.
 pub const DEFAULT_MAX_METRIC_NAMES: usize = 5000;
 
-/// The configuration as written in `envoy.yaml` (JSON inside a `StringValue`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawConfig {
-    /// Ask providers for stream usage when the client did not (and hide that chunk again).
-    #[serde(default)]
-    pub inject_include_usage: Option<bool>,
-    /// Largest request body read, in bytes; a larger one gets 413.
-    #[serde(default)]
-    pub max_request_body_bytes: Option<usize>,
-    /// Largest non-streaming response body copied to read usage; past it, usage is estimated.
-    #[serde(default)]
-    pub max_response_body_bytes: Option<usize>,
-    /// Add a `sluice_user` label (from filter state `sluice.user`).
-    #[serde(default)]
-    pub user_label: Option<bool>,
-    /// Add a `sluice_team` label (from filter state `sluice.team`).
-    #[serde(default)]
-    pub team_label: Option<bool>,
-    /// Distinct user / team label values per VM before the rest are reported as `other`.
-    #[serde(default)]
-    pub max_label_values: Option<usize>,
-    /// Distinct metric names per VM; past it, new label combinations are not recorded.
-    #[serde(default)]
-    pub max_metric_names: Option<usize>,
+/// A price per million tokens for models matching `pattern` (`gpt-4o` or `gpt-4o*`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Price {
+    /// Model name or `prefix*`.
+    pub pattern: String,
+    /// Per million input tokens (uncached).
+    pub input: f64,
+    /// Per million cached input tokens (defaults to `input`).
+    pub cached_input: f64,
+    /// Per million output tokens.
+    pub output: f64,
+}
+
+impl Price {
+    /// Whether this price applies to `model`.
+    pub fn matches(&self, model: &str) -> bool {
+        match self.pattern.strip_suffix('*') {
+            Some(prefix) => model.starts_with(prefix),
+            None => self.pattern == model,
+        }
+    }
 }
 
 /// The validated configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Config {
-    /// See [`RawConfig::inject_include_usage`]; default `true`.
+    /// Ask providers for stream usage when the client did not (and hide that chunk again).
     pub inject_include_usage: bool,
-    /// See [`RawConfig::max_request_body_bytes`].
+    /// Largest request body read, in bytes; a larger one gets 413.
     pub max_request_body_bytes: usize,
-    /// See [`RawConfig::max_response_body_bytes`].
+    /// Largest non-streaming response body read for usage; past it, usage is estimated.
     pub max_response_body_bytes: usize,
-    /// See [`RawConfig::user_label`]; default `false`.
+    /// Add a `sluice_user` label.
     pub user_label: bool,
-    /// See [`RawConfig::team_label`]; default `false`.
+    /// Add a `sluice_team` label.
     pub team_label: bool,
-    /// See [`RawConfig::max_label_values`].
+    /// Distinct user / team label values per VM before the rest are reported as `other`.
     pub max_label_values: usize,
-    /// See [`RawConfig::max_metric_names`].
+    /// Distinct metric names per VM; past it, new label combinations are not recorded.
     pub max_metric_names: usize,
+    /// Models that get their own label value (`*` suffix: prefix); every other requested
+    /// model is labelled `other`, so client input cannot create series. Route metadata
+    /// `default_model`/`models` and the model failover sent upstream are learnt too.
+    pub known_models: KnownValues,
+    /// Price table (first match wins), for `sluice.cost` and the cost metric.
+    pub prices: Vec<Price>,
+    /// Currency of the price table (a label on the cost metric).
+    pub currency: String,
+    /// Add a `sluice_team` label to the cost metric.
+    pub cost_by_team: bool,
 }
 
 impl Default for Config {
@@ -68,51 +74,82 @@ impl Default for Config {
             team_label: false,
             max_label_values: DEFAULT_MAX_LABEL_VALUES,
             max_metric_names: DEFAULT_MAX_METRIC_NAMES,
+            known_models: KnownValues::default(),
+            prices: Vec::new(),
+            currency: "USD".into(),
+            cost_by_team: false,
         }
     }
 }
 
-fn positive(field: &str, v: Option<usize>, default: usize, max: usize) -> Result<usize, ConfigError> {
-    match v {
+fn positive(o: &Obj<'_>, key: &str, default: usize, max: usize) -> Result<usize, ConfigError> {
+    match o.count(key)? {
         None => Ok(default),
-        Some(0) => Err(ConfigError::new(field, "must be greater than 0")),
-        Some(n) if n > max => Err(ConfigError::new(field, format!("must be at most {max}"))),
+        Some(0) => Err(o.err(key, "must be greater than 0")),
+        Some(n) if n > max => Err(o.err(key, format!("must be at most {max}"))),
         Some(n) => Ok(n),
     }
 }
 
-impl TryFrom<RawConfig> for Config {
-    type Error = ConfigError;
-
-    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
-        const GIB: usize = 1024 * 1024 * 1024;
-        Ok(Self {
-            inject_include_usage: raw.inject_include_usage.unwrap_or(true),
-            max_request_body_bytes: positive(
-                "max_request_body_bytes",
-                raw.max_request_body_bytes,
-                DEFAULT_MAX_REQUEST_BODY_BYTES,
-                GIB,
-            )?,
-            max_response_body_bytes: positive(
-                "max_response_body_bytes",
-                raw.max_response_body_bytes,
-                DEFAULT_MAX_RESPONSE_BODY_BYTES,
-                GIB,
-            )?,
-            user_label: raw.user_label.unwrap_or(false),
-            team_label: raw.team_label.unwrap_or(false),
-            max_label_values: positive("max_label_values", raw.max_label_values, DEFAULT_MAX_LABEL_VALUES, 100_000)?,
-            max_metric_names: positive("max_metric_names", raw.max_metric_names, DEFAULT_MAX_METRIC_NAMES, 1_000_000)?,
-        })
-    }
+fn price(o: Obj<'_>) -> Result<Price, ConfigError> {
+    o.known(&["model", "input", "cached_input", "output"])?;
+    let num = |k: &str| -> Result<f64, ConfigError> {
+        match o.number(k)? {
+            Some(v) if v < 0.0 => Err(o.err(k, "must not be negative")),
+            Some(v) => Ok(v),
+            None => Err(o.err(k, "missing field")),
+        }
+    };
+    let input = num("input")?;
+    let cached_input = match o.number("cached_input")? {
+        Some(v) if v < 0.0 => return Err(o.err("cached_input", "must not be negative")),
+        Some(v) => v,
+        None => input,
+    };
+    Ok(Price { pattern: o.required("model")?, input, cached_input, output: num("output")? })
 }
 
 impl Config {
-    /// Parse and validate the plugin configuration bytes (empty means all defaults).
+    /// Read and check the configuration object.
+    pub fn load(o: Obj<'_>) -> Result<Self, ConfigError> {
+        o.known(&[
+            "inject_include_usage",
+            "max_request_body_bytes",
+            "max_response_body_bytes",
+            "user_label",
+            "team_label",
+            "max_label_values",
+            "max_metric_names",
+            "known_models",
+            "prices",
+            "currency",
+            "cost_by_team",
+        ])?;
+        const GIB: usize = 1024 * 1024 * 1024;
+        let d = Self::default();
+        Ok(Self {
+            inject_include_usage: o.flag("inject_include_usage", true)?,
+            max_request_body_bytes: positive(&o, "max_request_body_bytes", d.max_request_body_bytes, GIB)?,
+            max_response_body_bytes: positive(&o, "max_response_body_bytes", d.max_response_body_bytes, GIB)?,
+            user_label: o.flag("user_label", false)?,
+            team_label: o.flag("team_label", false)?,
+            max_label_values: positive(&o, "max_label_values", d.max_label_values, 100_000)?,
+            max_metric_names: positive(&o, "max_metric_names", d.max_metric_names, 1_000_000)?,
+            known_models: KnownValues::new(&o.strings("known_models")?.unwrap_or_default()),
+            prices: o.objects("prices", price)?.unwrap_or_default(),
+            currency: o.non_empty("currency")?.unwrap_or(d.currency),
+            cost_by_team: o.flag("cost_by_team", false)?,
+        })
+    }
+
+    /// Parse a whole document (tests, config-check).
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
-        let raw: RawConfig = parse_json_config(bytes)?;
-        Config::try_from(raw)
+        sluice_core::config::read(bytes, Self::load)
+    }
+
+    /// The price for `model`, if the table has one.
+    pub fn price(&self, model: &str) -> Option<&Price> {
+        self.prices.iter().find(|p| p.matches(model))
     }
 }
 
@@ -123,30 +160,27 @@ mod tests {
 
     #[test]
     fn empty_is_defaults() {
-        assert_eq!(Config::parse(b"").unwrap(), Config::default());
-        assert_eq!(Config::parse(b"{}").unwrap(), Config::default());
-        assert!(Config::default().inject_include_usage);
+        for doc in [&b""[..], b"{}"] {
+            let c = Config::parse(doc).unwrap();
+            assert!(c.inject_include_usage && !c.user_label);
+            assert_eq!(c.max_metric_names, DEFAULT_MAX_METRIC_NAMES);
+        }
     }
 
     #[test]
     fn all_fields() {
         let c = Config::parse(
             br#"{"inject_include_usage":false,"max_request_body_bytes":10,"max_response_body_bytes":20,
-                "user_label":true,"team_label":true,"max_label_values":3,"max_metric_names":50}"#,
+                "user_label":true,"team_label":true,"max_label_values":3,"max_metric_names":50,
+                "known_models":["gpt-4o","llama*"],"currency":"EUR","cost_by_team":true,
+                "prices":[{"model":"gpt-4o*","input":2.5,"cached_input":1.25,"output":10}]}"#,
         )
         .unwrap();
-        assert_eq!(
-            c,
-            Config {
-                inject_include_usage: false,
-                max_request_body_bytes: 10,
-                max_response_body_bytes: 20,
-                user_label: true,
-                team_label: true,
-                max_label_values: 3,
-                max_metric_names: 50,
-            }
-        );
+        assert!(!c.inject_include_usage && c.user_label && c.team_label && c.cost_by_team);
+        assert_eq!((c.max_request_body_bytes, c.max_response_body_bytes, c.max_label_values), (10, 20, 3));
+        assert!(c.known_models.contains("llama-3"));
+        assert_eq!(c.price("gpt-4o-mini").unwrap().cached_input, 1.25);
+        assert_eq!(c.currency, "EUR");
     }
 
     #[test]
@@ -159,10 +193,13 @@ mod tests {
             (r#"{"max_request_body_bytes":0}"#, "max_request_body_bytes"),
             (r#"{"max_response_body_bytes":99999999999999}"#, "max_response_body_bytes"),
             (r#"{"inject_include_usage":1}"#, "inject_include_usage"),
+            (r#"{"prices":[{"model":"m","input":1}]}"#, "prices[0].output"),
+            (r#"{"prices":[{"model":"m","input":-1,"output":1}]}"#, "prices[0].input"),
+            (r#"{"known_models":[1]}"#, "known_models[0]"),
         ];
         for (input, field) in cases {
             let e = Config::parse(input.as_bytes()).unwrap_err();
-            assert!(e.to_string().contains(field), "{input}: {e}");
+            assert!(e.field == *field, "{input}: {e}");
         }
     }
 }

@@ -1,15 +1,30 @@
-//! sluice usage-metrics: counts the tokens an OpenAI-compatible provider reports (JSON bodies
-//! and SSE streams), estimates them when it reports none, and publishes them as Prometheus
-//! metrics with OpenTelemetry `gen_ai` names and as filter state for access logs.
+//! sluice usage-metrics: counts the tokens a provider reports (JSON bodies and SSE streams of
+//! every API sluice knows), estimates them when it reports none, prices them, and publishes
+//! them as Prometheus metrics with OpenTelemetry `gen_ai` names and as filter state for
+//! access logs and traces. See README.md.
 //!
-//! - [`config`]: the plugin configuration (strict JSON, validated).
-//! - [`exchange`]: the per-request state machine, written against `sluice_core::host::Host`.
-//! - [`recorder`]: metric names, labels and the per-VM metric-id cache.
-//! - `filter` (wasm32 only): the proxy-wasm glue.
+//! - [`config`]: the plugin configuration.
+//! - [`stage`]: the per-request stage over the core pipeline.
+//! - [`recorder`]: metric names, labels and the per-VM label bounds.
 
 pub mod config;
-pub mod exchange;
 pub mod recorder;
+pub mod stage;
 
-#[cfg(target_arch = "wasm32")]
-mod filter;
+use sluice_core::config::{ConfigError, Obj};
+use sluice_core::stage::Plugin;
+
+/// Name used in logs, metrics and error bodies.
+pub const NAME: &str = "usage-metrics";
+
+/// Build the plugin from its configuration object.
+pub fn load(o: Obj<'_>, _env: &dyn Fn(&str) -> Option<String>) -> Result<Box<dyn Plugin>, ConfigError> {
+    Ok(Box::new(stage::UsagePlugin::new(config::Config::load(o)?)))
+}
+
+/// This filter alone: the whole document is its configuration.
+pub fn assemble(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<Box<dyn Plugin>>, ConfigError> {
+    sluice_core::stage::single(bytes, env, load)
+}
+
+sluice_core::filter_main!(NAME, assemble);

@@ -5,7 +5,8 @@
 //! them into Prometheus labels. Only tag names from `sluice_core::metrics::TAG_NAMES` are used.
 
 use sluice_core::host::Host;
-use sluice_core::metrics::{tagged_name, LabelCap, MetricIds, MetricKind};
+use sluice_core::metrics::{tagged_name, KnownValues, LabelCap, Metrics};
+use std::cell::RefCell;
 
 /// Tokens used, by `gen_ai_token_type` (`input`, `output`). OpenTelemetry names it
 /// `gen_ai.client.token.usage` (a histogram there); here a counter, so sums are exact.
@@ -20,6 +21,8 @@ pub const TIME_PER_OUTPUT_TOKEN: &str = "gen_ai_server_time_per_output_token";
 pub const ESTIMATED_REQUESTS: &str = "sluice_usage_estimated";
 /// The estimated part of [`TOKEN_USAGE`], by `gen_ai_token_type`.
 pub const ESTIMATED_TOKENS: &str = "sluice_usage_estimated_tokens";
+/// Cost of requests in micro-units of the price table's currency, by provider and model.
+pub const COST: &str = "sluice_usage_cost_micros";
 
 /// The labels every metric of one request shares.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -85,61 +88,80 @@ impl RequestLabels {
         tagged_name(ESTIMATED_REQUESTS, &self.base(&[("sluice_reason", reason)]))
     }
 
+    /// Stat name of the cost counter (`base` is [`COST`]).
+    pub fn cost(&self, base: &str, currency: &str) -> String {
+        tagged_name(base, &self.base(&[("sluice_currency", currency)]))
+    }
+
     /// Stat name of the estimated-token counter.
     pub fn estimated_tokens(&self, token_type: &str) -> String {
         tagged_name(ESTIMATED_TOKENS, &self.base(&[("gen_ai_token_type", token_type)]))
     }
 }
 
-/// Per-VM metric state: defined ids and the user/team label caps.
+/// Per-VM metric state: the metrics helper and the label caps.
 #[derive(Debug)]
 pub struct Recorder {
-    ids: MetricIds,
-    users: LabelCap,
-    teams: LabelCap,
+    /// The one metrics helper.
+    pub metrics: Metrics,
+    users: RefCell<LabelCap>,
+    teams: RefCell<LabelCap>,
+    models: RefCell<KnownValues>,
 }
 
 impl Recorder {
     /// A recorder holding at most `max_names` metric names and `max_label_values` distinct
-    /// values each for the user and team labels.
-    pub fn new(max_names: usize, max_label_values: usize) -> Self {
+    /// values each for the user and team labels; model labels bounded to `models`.
+    pub fn new(max_names: usize, max_label_values: usize, models: KnownValues) -> Self {
         Self {
-            ids: MetricIds::new(max_names),
-            users: LabelCap::new(max_label_values),
-            teams: LabelCap::new(max_label_values),
+            metrics: Metrics::new(max_names),
+            users: RefCell::new(LabelCap::new(max_label_values)),
+            teams: RefCell::new(LabelCap::new(max_label_values)),
+            models: RefCell::new(models),
         }
     }
 
     /// The user label value: itself while under the cap, else `other`.
-    pub fn user_label(&mut self, user: &str) -> String {
-        self.users.admit(user)
+    pub fn user_label(&self, user: &str) -> String {
+        self.users.try_borrow_mut().map_or_else(|_| "other".to_string(), |mut c| c.admit(user))
     }
 
     /// The team label value: itself while under the cap, else `other`.
-    pub fn team_label(&mut self, team: &str) -> String {
-        self.teams.admit(team)
+    pub fn team_label(&self, team: &str) -> String {
+        self.teams.try_borrow_mut().map_or_else(|_| "other".to_string(), |mut c| c.admit(team))
     }
 
-    fn id<H: Host>(&mut self, host: &mut H, kind: MetricKind, name: &str) -> Option<u32> {
-        let id = self.ids.get_or_define(name, |n| host.define_metric(kind, n));
-        if id.is_none() {
-            log::debug!("usage-metrics: metric not recorded (host refused or name cap reached): {name}");
+    /// Learn a model name from trusted config (route metadata, the model sent upstream).
+    pub fn learn_model(&self, model: &str) {
+        if let Ok(mut m) = self.models.try_borrow_mut() {
+            m.learn(model);
         }
-        id
     }
 
-    /// Add `by` to the counter `name`.
-    pub fn count<H: Host>(&mut self, host: &mut H, name: &str, by: u64) {
-        if let Some(id) = self.id(host, MetricKind::Counter, name) {
-            host.increment_metric(id, i64::try_from(by).unwrap_or(i64::MAX));
+    /// The label for a model: itself when known, else `other`.
+    pub fn model_label(&self, model: &str) -> String {
+        self.models.try_borrow().map_or_else(|_| "other".to_string(), |m| m.label(model).to_string())
+    }
+
+    /// The label for the model a response names: itself when known or a dated version of
+    /// the known requested model (`gpt-4o` → `gpt-4o-2024-08-06`), else `other`.
+    pub fn response_model_label(&self, response: &str, request_label: &str) -> String {
+        let known = self.models.try_borrow().is_ok_and(|m| m.contains(response));
+        if known || (request_label != "other" && response.starts_with(request_label)) {
+            response.to_string()
+        } else {
+            "other".to_string()
         }
+    }
+
+    /// Add `by` to the counter `name` (a full tagged name).
+    pub fn count(&self, host: &mut dyn Host, name: &str, by: u64) {
+        self.metrics.count(host, name, &[], by);
     }
 
     /// Record `value` in the histogram `name`.
-    pub fn observe<H: Host>(&mut self, host: &mut H, name: &str, value: u64) {
-        if let Some(id) = self.id(host, MetricKind::Histogram, name) {
-            host.record_metric(id, value);
-        }
+    pub fn observe(&self, host: &mut dyn Host, name: &str, value: u64) {
+        self.metrics.record(host, name, &[], value);
     }
 }
 
@@ -149,6 +171,7 @@ mod tests {
     use super::*;
     use sluice_core::host::FakeHost;
     use sluice_core::metrics::TAG_NAMES;
+    use sluice_core::metrics::KnownValues;
 
     fn labels() -> RequestLabels {
         RequestLabels {
@@ -202,30 +225,26 @@ gen_ai_operation_name=.=chat;.;gen_ai_response_model=.=gpt-4.1-2025;.;gen_ai_tok
     #[test]
     fn ids_cached_and_values_recorded() {
         let mut h = FakeHost::default();
-        let mut r = Recorder::new(10, 2);
+        let r = Recorder::new(10, 2, KnownValues::default());
         r.count(&mut h, "a", 2);
         r.count(&mut h, "a", 3);
         r.observe(&mut h, "h", 7);
         assert_eq!(h.metric("a"), Some(5));
         assert_eq!(h.metric_defs.len(), 2);
-        assert_eq!(h.metric_defs[1].0, MetricKind::Histogram);
     }
 
     #[test]
-    fn name_cap_drops_new_names() {
-        let mut h = FakeHost::default();
-        let mut r = Recorder::new(1, 2);
-        r.count(&mut h, "a", 1);
-        r.count(&mut h, "b", 1);
-        assert_eq!(h.metric("b"), None);
-    }
-
-    #[test]
-    fn label_caps() {
-        let mut r = Recorder::new(10, 1);
+    fn label_caps_and_models() {
+        let r = Recorder::new(10, 1, KnownValues::new(&["gpt-4o".into()]));
         assert_eq!(r.user_label("alice"), "alice");
         assert_eq!(r.user_label("bob"), "other");
         assert_eq!(r.team_label("dev"), "dev");
         assert_eq!(r.team_label("ops"), "other");
+        assert_eq!(r.model_label("gpt-4o"), "gpt-4o");
+        assert_eq!(r.model_label("x-random"), "other");
+        r.learn_model("x-random");
+        assert_eq!(r.model_label("x-random"), "x-random");
+        assert_eq!(r.response_model_label("gpt-4o-2024-08-06", "gpt-4o"), "gpt-4o-2024-08-06");
+        assert_eq!(r.response_model_label("evil", "gpt-4o"), "other");
     }
 }
