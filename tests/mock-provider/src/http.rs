@@ -137,7 +137,12 @@ impl Head {
 pub struct Request {
     pub head: Head,
     pub body: Vec<u8>,
+    /// Trailer fields of a chunked body (names lowercased), in order.
+    pub trailers: Vec<(String, String)>,
 }
+
+/// A de-chunked body and its trailer fields.
+pub type Body = (Vec<u8>, Vec<(String, String)>);
 
 /// Buffered reader over one connection; yields requests one after another
 /// (keep-alive and pipelining both work because leftover bytes stay buffered).
@@ -233,17 +238,18 @@ impl<R: Read> Conn<R> {
         Ok(Some(Head { method, target, minor_version, headers }))
     }
 
-    /// Reads the body that belongs to `head` (de-chunked).
-    pub fn read_body(&mut self, head: &Head) -> Result<Vec<u8>, HttpError> {
+    /// Reads the body that belongs to `head` (de-chunked), with the trailer
+    /// fields of a chunked body.
+    pub fn read_body(&mut self, head: &Head) -> Result<Body, HttpError> {
         match head.framing()? {
-            Framing::None => Ok(Vec::new()),
+            Framing::None => Ok((Vec::new(), Vec::new())),
             Framing::Length(n) if n > MAX_BODY_BYTES => Err(too_large_body()),
-            Framing::Length(n) => self.read_exact_bytes(n),
+            Framing::Length(n) => Ok((self.read_exact_bytes(n)?, Vec::new())),
             Framing::Chunked => self.read_chunked(),
         }
     }
 
-    fn read_chunked(&mut self) -> Result<Vec<u8>, HttpError> {
+    fn read_chunked(&mut self) -> Result<Body, HttpError> {
         let mut body = Vec::new();
         loop {
             let line = self.read_line(MAX_CHUNK_LINE, "chunk-size line")?;
@@ -260,18 +266,19 @@ impl<R: Read> Conn<R> {
                 return Err(bad("chunk data not followed by CRLF"));
             }
         }
-        // Trailer section: header lines until an empty line; ignored.
+        // Trailer section: header lines until an empty line.
+        let mut trailers = Vec::new();
         let mut trailer_bytes = 0usize;
         loop {
             let line = self.read_line(MAX_CHUNK_LINE, "trailer section")?;
             if line.is_empty() {
-                return Ok(body);
+                return Ok((body, trailers));
             }
             trailer_bytes += line.len();
             if trailer_bytes > MAX_CHUNK_LINE {
                 return Err(too_large_line("trailer section"));
             }
-            parse_header_line(&line)?;
+            trailers.push(parse_header_line(&line)?);
         }
     }
 
@@ -283,8 +290,8 @@ impl<R: Read> Conn<R> {
         let Some(head) = self.read_head()? else {
             return Ok(None);
         };
-        let body = self.read_body(&head)?;
-        Ok(Some(Request { head, body }))
+        let (body, trailers) = self.read_body(&head)?;
+        Ok(Some(Request { head, body, trailers }))
     }
 }
 
@@ -436,8 +443,36 @@ pub fn write_chunk<W: Write>(w: &mut W, data: &[u8]) -> io::Result<()> {
 
 /// Ends a chunked body (no trailers).
 pub fn write_last_chunk<W: Write>(w: &mut W) -> io::Result<()> {
-    w.write_all(b"0\r\n\r\n")?;
+    write_last_chunk_with_trailers(w, &[])
+}
+
+/// Ends a chunked body with a trailer section.
+pub fn write_last_chunk_with_trailers<W: Write>(w: &mut W, trailers: &[(String, String)]) -> io::Result<()> {
+    let mut out = String::from("0\r\n");
+    for (name, value) in trailers {
+        out.push_str(name);
+        out.push_str(": ");
+        out.push_str(value);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    w.write_all(out.as_bytes())?;
     w.flush()
+}
+
+/// Writes a complete response as one chunk of a chunked body followed by a
+/// trailer section. The caller declares the trailers (`trailer:` header).
+pub fn write_chunked_response<W: Write>(
+    w: &mut W,
+    status: u16,
+    headers: &[(String, String)],
+    body: &[u8],
+    trailers: &[(String, String)],
+    close: bool,
+) -> io::Result<()> {
+    write_stream_head(w, status, headers, true, close)?;
+    write_chunk(w, body)?;
+    write_last_chunk_with_trailers(w, trailers)
 }
 
 #[cfg(test)]
@@ -516,6 +551,10 @@ mod tests {
             0;last\r\nX-Trailer: yes\r\nOther: 1\r\n\r\n";
         let req = parse_one(raw).unwrap();
         assert_eq!(req.body, b"Wikipedia in\r\n\r\nchunks.");
+        assert_eq!(
+            req.trailers,
+            vec![("x-trailer".to_string(), "yes".to_string()), ("other".to_string(), "1".to_string())]
+        );
     }
 
     #[test]
@@ -631,6 +670,13 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "HTTP/1.1 200 OK\r\nx-mock-provider: m\r\ntransfer-encoding: chunked\r\n\r\n9\r\ndata: 1\n\n\r\n0\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        let trailers = vec![("x-mock-trailer".to_string(), "done".to_string())];
+        write_chunked_response(&mut out, 200, &headers, b"{}", &trailers, false).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nx-mock-provider: m\r\ntransfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nx-mock-trailer: done\r\n\r\n"
         );
     }
 }

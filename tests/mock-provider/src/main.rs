@@ -1,8 +1,12 @@
 //! `sluice-mock-provider`: an OpenAI-compatible mock LLM provider for the
 //! sluice end-to-end tests and the demo. See README.md.
 
+mod anthropic;
+mod codec;
+mod embeddings;
 mod http;
 mod provider;
+mod responses;
 mod server;
 mod settings;
 

@@ -16,6 +16,9 @@ usage: sluice-mock-provider [--host 127.0.0.1] [--port N] [--name NAME] [--model
          [--rate-503 PCT] [--rate-reset PCT] [--rate-malformed PCT] [--rate-truncate PCT]
          [--first-byte-delay-ms N] [--chunk-delay-ms N]
          [--split-writes] [--no-usage] [--malformed-usage]
+         [--completion-words N] [--embedding-dim N] [--context-window N]
+         [--rate-stall PCT] [--stall-timeout-ms N] [--cached-tokens N] [--reasoning-tokens N]
+         [--response-trailers]
 Flags take `--flag VALUE` or `--flag=VALUE`; boolean flags also accept `=true|false`.
 Prints `LISTENING <addr>:<port>` on stdout once bound. See README.md.";
 
@@ -45,6 +48,16 @@ pub struct Settings {
     pub split_writes: bool,
     pub no_usage: bool,
     pub malformed_usage: bool,
+    /// `Some(n)`: the text is `w1 w2 … wN`.
+    pub completion_words: Option<u64>,
+    pub embedding_dim: usize,
+    /// `None`: unlimited.
+    pub context_window: Option<u64>,
+    pub rate_stall: u32,
+    pub stall_timeout_ms: u64,
+    pub cached_tokens: Option<u64>,
+    pub reasoning_tokens: Option<u64>,
+    pub response_trailers: bool,
 }
 
 impl Default for Settings {
@@ -71,12 +84,20 @@ impl Default for Settings {
             split_writes: false,
             no_usage: false,
             malformed_usage: false,
+            completion_words: None,
+            embedding_dim: 256,
+            context_window: None,
+            rate_stall: 0,
+            stall_timeout_ms: 120_000,
+            cached_tokens: None,
+            reasoning_tokens: None,
+            response_trailers: false,
         }
     }
 }
 
 /// Every settable key (the `--flag-name` with `-` replaced by `_`).
-pub const KEYS: [&str; 21] = [
+pub const KEYS: [&str; 29] = [
     "name",
     "model",
     "models",
@@ -98,10 +119,18 @@ pub const KEYS: [&str; 21] = [
     "split_writes",
     "no_usage",
     "malformed_usage",
+    "completion_words",
+    "embedding_dim",
+    "context_window",
+    "rate_stall",
+    "stall_timeout_ms",
+    "cached_tokens",
+    "reasoning_tokens",
+    "response_trailers",
 ];
 
 /// Keys that are booleans (flags without a value on the command line).
-const BOOL_KEYS: [&str; 3] = ["split_writes", "no_usage", "malformed_usage"];
+const BOOL_KEYS: [&str; 4] = ["split_writes", "no_usage", "malformed_usage", "response_trailers"];
 
 /// A setting value, from the command line or from JSON.
 #[derive(Clone, Copy)]
@@ -191,14 +220,22 @@ impl Settings {
         self.models.clone().unwrap_or_else(|| vec![self.model.clone()])
     }
 
+    /// The assistant text without a per-request override:
+    /// `w1 w2 … wN` with `completion_words`, else [`Settings::text`].
+    pub fn default_text(&self) -> String {
+        self.completion_words.map_or_else(|| self.text(), crate::provider::words_text)
+    }
+
     /// Failure rates in [`Failure::CHECK_ORDER`].
-    pub fn rates(&self) -> [u32; 5] {
+    pub fn rates(&self) -> [u32; 6] {
         Failure::CHECK_ORDER.map(|f| match f {
             Failure::Reset => self.rate_reset,
             Failure::Unavailable => self.rate_503,
             Failure::RateLimited => self.rate_429,
             Failure::Malformed => self.rate_malformed,
             Failure::Truncate => self.rate_truncate,
+            Failure::Stall => self.rate_stall,
+            Failure::StallMidStream | Failure::ContextLength => 0,
         })
     }
 
@@ -226,6 +263,19 @@ impl Settings {
             "split_writes" => self.split_writes = value.flag()?,
             "no_usage" => self.no_usage = value.flag()?,
             "malformed_usage" => self.malformed_usage = value.flag()?,
+            "completion_words" => self.completion_words = value.opt_uint()?,
+            "embedding_dim" => {
+                self.embedding_dim = match value.usize()? {
+                    d @ 1..=crate::embeddings::MAX_DIM => d,
+                    d => return Err(format!("expected 1..={}, got {d}", crate::embeddings::MAX_DIM)),
+                }
+            }
+            "context_window" => self.context_window = value.opt_uint()?,
+            "rate_stall" => self.rate_stall = value.pct()?,
+            "stall_timeout_ms" => self.stall_timeout_ms = value.uint()?,
+            "cached_tokens" => self.cached_tokens = value.opt_uint()?,
+            "reasoning_tokens" => self.reasoning_tokens = value.opt_uint()?,
+            "response_trailers" => self.response_trailers = value.flag()?,
             _ => return Err(format!("unknown setting `{key}`")),
         }
         Ok(())
@@ -355,7 +405,15 @@ mod tests {
         assert_eq!(s.model_list(), vec!["mock-model"]);
         assert_eq!(s.retry_after, "1");
         assert_eq!(s.stream_chunks, 4);
-        assert_eq!(s.rates(), [0; 5]);
+        assert_eq!(s.rates(), [0; 6]);
+        assert_eq!(s.embedding_dim, 256);
+        assert_eq!(s.stall_timeout_ms, 120_000);
+        assert_eq!(
+            (s.completion_words, s.context_window, s.cached_tokens, s.reasoning_tokens),
+            (None, None, None, None)
+        );
+        assert!(!s.response_trailers);
+        assert_eq!(s.default_text(), "Hello from mock.");
     }
 
     #[test]
@@ -402,6 +460,20 @@ mod tests {
             "--split-writes",
             "--no-usage",
             "--malformed-usage=true",
+            "--completion-words",
+            "3",
+            "--embedding-dim=64",
+            "--context-window",
+            "4096",
+            "--rate-stall",
+            "5",
+            "--stall-timeout-ms",
+            "250",
+            "--cached-tokens",
+            "11",
+            "--reasoning-tokens",
+            "12",
+            "--response-trailers",
         ])
         .unwrap();
         assert_eq!(cli.host.to_string(), "::1");
@@ -416,8 +488,14 @@ mod tests {
         assert_eq!(s.retry_after, "Wed, 21 Oct 2015 07:28:00 GMT");
         assert_eq!(s.retry_after_ms, Some(1500));
         assert_eq!(s.ratelimit_reset.as_deref(), Some("6m0s"));
-        // CHECK_ORDER: reset, 503, 429, malformed, truncate
-        assert_eq!(s.rates(), [2, 1, 50, 3, 4]);
+        // CHECK_ORDER: reset, 503, 429, malformed, truncate, stall
+        assert_eq!(s.rates(), [2, 1, 50, 3, 4, 5]);
+        assert_eq!(s.default_text(), "w1 w2 w3");
+        assert_eq!(s.embedding_dim, 64);
+        assert_eq!(s.context_window, Some(4096));
+        assert_eq!(s.stall_timeout_ms, 250);
+        assert_eq!((s.cached_tokens, s.reasoning_tokens), (Some(11), Some(12)));
+        assert!(s.response_trailers);
         assert_eq!((s.first_byte_delay_ms, s.chunk_delay_ms), (10, 5));
         assert!(s.split_writes && s.no_usage && s.malformed_usage);
     }
@@ -432,6 +510,9 @@ mod tests {
         assert!(invalid(&["--rate-429", "101"]).contains("--rate-429"));
         assert!(invalid(&["--rate-503", "x"]).contains("--rate-503"));
         assert!(invalid(&["--split-writes=maybe"]).contains("--split-writes"));
+        assert!(invalid(&["--embedding-dim", "0"]).contains("--embedding-dim"));
+        assert!(invalid(&["--rate-stall", "101"]).contains("--rate-stall"));
+        assert!(invalid(&["--context-window", "-1"]).contains("--context-window"));
         assert!(invalid(&["--host", "0.0.0.0"]).contains("loopback"));
         assert!(invalid(&["--host", "10.1.2.3"]).contains("loopback"));
         assert!(invalid(&["--host", "example.com"]).contains("--host"));
@@ -463,6 +544,15 @@ mod tests {
         assert_eq!(s.text(), "Hello from mock.");
         assert_eq!(s.completion_tokens, None);
         assert_eq!(s.model_list(), vec!["c", "d"]);
+        s.apply_json(
+            &json!({"context-window": 8, "cached_tokens": 2, "response_trailers": true, "completion_words": 2}),
+        )
+        .unwrap();
+        assert_eq!((s.context_window, s.cached_tokens, s.response_trailers), (Some(8), Some(2), true));
+        assert_eq!(s.default_text(), "w1 w2");
+        s.apply_json(&json!({"context_window": null, "cached_tokens": null, "completion_words": null})).unwrap();
+        assert_eq!((s.context_window, s.cached_tokens, s.completion_words), (None, None, None));
+        assert!(s.apply_json(&json!({"embedding_dim": 0})).is_err());
     }
 
     #[test]
