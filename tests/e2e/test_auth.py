@@ -37,12 +37,14 @@ mint_jwt = _load_mint()
 
 class JwksServer:
     """A JWKS endpoint on 127.0.0.1 (a thread); `keys` can change while it runs; stop/start
-    on the same port simulate an identity-provider outage."""
+    on the same port simulate an identity-provider outage; `delay` (seconds) holds each
+    answer, so a test can act while a fetch is still out."""
 
     def __init__(self, jwks: dict, port: int | None = None, start: bool = True):
         self.jwks = jwks
         self.port = port or free_port()
         self.hits = 0
+        self.delay = 0.0
         self.httpd = None
         if start:
             self.start()
@@ -53,6 +55,8 @@ class JwksServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802
                 outer.hits += 1
+                if outer.delay:
+                    time.sleep(outer.delay)
                 body = json.dumps(outer.jwks).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")

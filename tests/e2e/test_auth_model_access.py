@@ -2,6 +2,8 @@
 (`llms.<provider>`), the route's default model, /v1/models filtered per caller, API keys."""
 from __future__ import annotations
 
+import hashlib
+
 from harness import chat
 from test_auth import alice, bearer, bob, error, jwks_servers, keys  # noqa: F401 (fixture)
 
@@ -82,3 +84,39 @@ def test_api_key_identity(gateway, jwks_servers, tmp_path):
     log = [e for e in gw.envoy.wait_access_log(lambda es: sum(e.get("http.status") == 200 for e in es) >= n_ok)
            if e.get("http.status") == 200]
     assert log and all(e["user"] == "ci-bot" and e["team"] == "platform" for e in log), log
+    # A stable id of the key for per-key buckets (issue 14 §6): the first 32 hex digits of its
+    # SHA-256, never the key itself.
+    key_id = hashlib.sha256(CI_KEY.encode()).hexdigest()[:32]
+    assert all(e["key_id"] == key_id for e in log), log
+    # JWT callers have none (buckets go by user and team).
+    r = gw.post("/openai", json_body=chat("hi", model="gpt-4o-mini"), headers=bearer(alice(key)))
+    assert r.status_code == 200, r.text
+    log = gw.envoy.wait_access_log(lambda es: any(e.get("user") == "alice" for e in es))
+    assert [e["key_id"] for e in log if e.get("user") == "alice"] in ([None], ["-"]), log
+
+
+def test_model_access_on_every_endpoint(gateway, jwks_servers, tmp_path):
+    """The model is read from every API the gateway forwards (issue 19 §1): Responses,
+    embeddings, completions, Anthropic Messages and count_tokens."""
+    key, jwks = keys(tmp_path)
+    gw = gateway(EXAMPLE, mocks=MOCKS, ports={18100: jwks_servers(jwks).port})
+    alice_bearer = bearer(alice(key))  # llms.openai = [gpt-4o-mini]
+    bodies = {
+        "/openai/v1/responses": {"input": "hi"},
+        "/openai/v1/embeddings": {"input": "hi"},
+        "/openai/v1/completions": {"prompt": "hi"},
+        "/openai/v1/messages": {"max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]},
+        "/openai/v1/messages/count_tokens": {"messages": [{"role": "user", "content": "hi"}]},
+    }
+    for path, body in bodies.items():
+        a = {**alice_bearer, "anthropic-version": "2023-06-01"} if "/messages" in path else alice_bearer
+        r = gw.post(path, json_body={**body, "model": "gpt-4o"}, headers=a)
+        assert r.status_code == 403, (path, r.text)
+        assert error(r)["code"] == "model_not_allowed", path
+        r = gw.post(path, json_body={**body, "model": "gpt-4o-mini"}, headers=a)
+        assert r.status_code == 200, (path, r.text)
+        # No model and no route default_model on /openai/: 400, not a pass.
+        r = gw.post(path, json_body=body, headers=a)
+        assert r.status_code == 400 and error(r)["code"] == "model_required", (path, r.text)
+    seen = [e.get("model") for e in gw.mocks[18001].log()]
+    assert seen == ["gpt-4o-mini"] * len(bodies), seen

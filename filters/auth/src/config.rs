@@ -1,17 +1,15 @@
-//! Configuration: the JSON is read strictly (unknown fields refused, errors name the field
-//! path) and compiled in one pass (keys parsed, policies compiled, durations checked).
+//! Configuration, read with the one core reader (`sluice_core::config::Obj`): unknown fields
+//! refused, errors name the field path, and everything compiled in one pass (keys parsed,
+//! policies compiled, durations checked).
 
-use crate::keys::{KeySet, KeySource};
+use crate::keys::KeySet;
 use crate::rules::Rule;
 use jsonwebtoken::Algorithm;
 use serde_json::Value;
-use sluice_core::config::{json_kind, parse_duration, validate_header_name, ConfigError};
+use sluice_core::config::{validate_header_name, ConfigError, Obj};
 use std::collections::BTreeMap;
 use std::str::FromStr;
 use std::time::Duration;
-
-/// Filter name used in logs and error messages.
-pub const FILTER: &str = "auth";
 
 /// A compiled credential source.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,7 +23,7 @@ pub enum Source {
 }
 
 impl Source {
-    fn parse(o: &Obj<'_>) -> Result<Self, ConfigError> {
+    fn load(o: Obj<'_>) -> Result<Self, ConfigError> {
         o.known(&["header", "prefix", "query", "cookie"])?;
         let (header, query, cookie) = (o.string("header")?, o.string("query")?, o.string("cookie")?);
         let prefix = o.string("prefix")?;
@@ -50,119 +48,6 @@ impl Source {
     /// The default JWT source: `Authorization: Bearer <token>`.
     pub fn bearer() -> Self {
         Source::Header { name: "authorization".into(), prefix: Some("Bearer ".into()) }
-    }
-}
-
-/// A JSON object being read, with its dotted path for error messages. Hand-written instead
-/// of serde derive + serde_path_to_error: that pair costs about 60 KB of wasm here, and
-/// sluice_auth.wasm is size-constrained by the JWT crypto.
-pub struct Obj<'a> {
-    map: &'a serde_json::Map<String, Value>,
-    path: String,
-}
-
-fn join(path: &str, key: &str) -> String {
-    if path.is_empty() || path == "." {
-        key.to_string()
-    } else if key.starts_with('[') {
-        format!("{path}{key}")
-    } else {
-        format!("{path}.{key}")
-    }
-}
-
-impl<'a> Obj<'a> {
-    /// Read `v` at `path` as an object.
-    pub fn new(v: &'a Value, path: &str) -> Result<Self, ConfigError> {
-        match v {
-            Value::Object(map) => Ok(Self { map, path: path.to_string() }),
-            other => Err(ConfigError::new(
-                if path.is_empty() { "." } else { path },
-                format!("expected an object, got {}", json_kind(other)),
-            )),
-        }
-    }
-    fn err(&self, key: &str, why: impl Into<String>) -> ConfigError {
-        ConfigError::new(
-            if key == "." {
-                if self.path.is_empty() {
-                    ".".to_string()
-                } else {
-                    self.path.clone()
-                }
-            } else {
-                join(&self.path, key)
-            },
-            why,
-        )
-    }
-    fn known(&self, fields: &[&str]) -> Result<(), ConfigError> {
-        match self.map.keys().find(|k| !fields.contains(&k.as_str())) {
-            Some(k) => Err(self.err(k, format!("unknown field `{k}`, expected one of {}", fields.join(", ")))),
-            None => Ok(()),
-        }
-    }
-    fn get(&self, key: &str) -> Option<&'a Value> {
-        self.map.get(key).filter(|v| !v.is_null())
-    }
-    fn string(&self, key: &str) -> Result<Option<String>, ConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(self.err(key, format!("expected a string, got {}", json_kind(v)))),
-        }
-    }
-    fn required(&self, key: &str) -> Result<String, ConfigError> {
-        self.string(key)?.ok_or_else(|| self.err(key, "missing field"))
-    }
-    fn boolean(&self, key: &str) -> Result<Option<bool>, ConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => Err(self.err(key, format!("expected true or false, got {}", json_kind(v)))),
-        }
-    }
-    fn count(&self, key: &str) -> Result<Option<usize>, ConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .and_then(|n| usize::try_from(n).ok())
-                .map(Some)
-                .ok_or_else(|| self.err(key, format!("expected a non-negative integer, got {}", json_kind(v)))),
-        }
-    }
-    fn duration(&self, key: &str) -> Result<Option<Duration>, ConfigError> {
-        match self.string(key)? {
-            None => Ok(None),
-            Some(s) => parse_duration(&s).map(Some).map_err(|e| self.err(key, e)),
-        }
-    }
-    fn object(&self, key: &str) -> Result<Option<Obj<'a>>, ConfigError> {
-        self.get(key).map(|v| Obj::new(v, &join(&self.path, key))).transpose()
-    }
-    /// A list: each element with its path.
-    fn list(&self, key: &str) -> Result<Option<Vec<(String, &'a Value)>>, ConfigError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Array(a)) => {
-                let base = join(&self.path, key);
-                Ok(Some(a.iter().enumerate().map(|(i, v)| (format!("{base}[{i}]"), v)).collect()))
-            }
-            Some(v) => Err(self.err(key, format!("expected a list, got {}", json_kind(v)))),
-        }
-    }
-    fn strings(&self, key: &str) -> Result<Option<Vec<String>>, ConfigError> {
-        let Some(items) = self.list(key)? else { return Ok(None) };
-        items
-            .into_iter()
-            .map(|(path, v)| {
-                v.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| ConfigError::new(path, format!("expected a string, got {}", json_kind(v))))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some)
     }
 }
 
@@ -209,8 +94,11 @@ pub struct Provider {
 pub struct ApiKey {
     /// SHA-256 of the key.
     pub hash: [u8; 32],
+    /// Stable id published for the caller (`sluice.key_id`): the first 32 hex digits of the
+    /// hash, never the key.
+    pub key_id: String,
     /// Claims object (`sub`, `team` and the configured claims).
-    pub claims: Value,
+    pub claims: std::rc::Rc<Value>,
 }
 
 /// Compiled jwt_authn settings.
@@ -229,6 +117,19 @@ pub struct ModelAccess {
     pub claim: String,
     /// Models-list path suffix.
     pub models_path: String,
+}
+
+/// What bounds JWT verification work per worker VM (issue 13 §8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyLimits {
+    /// How long a refused token is remembered (`ZERO`: not at all).
+    pub negative_ttl: Duration,
+    /// Refused tokens remembered at most.
+    pub negative_max_entries: usize,
+    /// Keys tried for one token (a token without `kid` matches every key of its family).
+    pub max_keys_per_token: usize,
+    /// Signature checks per second per VM (token bucket, burst of one second; 0: unlimited).
+    pub max_verifies_per_second: u64,
 }
 
 /// The compiled configuration.
@@ -258,178 +159,188 @@ pub struct Config {
     pub policies: BTreeMap<String, Rule>,
     /// Default policy.
     pub default_policy: Option<String>,
+    /// A route with no `auth_policy` and no `default_policy` is refused (403 `no_policy`).
+    pub require_policy: bool,
     /// Model access.
     pub model_access: Option<ModelAccess>,
     /// Body cap.
     pub max_body_bytes: usize,
     /// Cache size.
     pub cache_max_entries: usize,
+    /// Verification bounds.
+    pub limits: VerifyLimits,
 }
 
+const FIELDS: &[&str] = &[
+    "providers",
+    "from",
+    "api_keys",
+    "jwt_authn",
+    "subject_claim",
+    "team_claim",
+    "claims_to_filter_state",
+    "claims_to_headers",
+    "strip_credentials",
+    "policies",
+    "default_policy",
+    "require_policy",
+    "model_access",
+    "max_body_bytes",
+    "cache_max_entries",
+    "negative_cache_ttl",
+    "negative_cache_max_entries",
+    "max_keys_per_token",
+    "max_verifies_per_second",
+    "failure_mode",
+];
+
 impl Config {
-    /// Parse and validate JSON bytes; `env` resolves `hmac_secret_env`.
+    /// Parse and validate a whole configuration document; `env` resolves `hmac_secret_env`.
+    /// (What `sluice-config-check` and the native tests call; the filter loads through
+    /// [`crate::load`].)
     pub fn from_json(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let trimmed = bytes.iter().all(u8::is_ascii_whitespace);
-        let doc: Value = if trimmed {
-            Value::Object(serde_json::Map::new())
-        } else {
-            let text = std::str::from_utf8(bytes).map_err(|_| ConfigError::new(".", "configuration is not UTF-8"))?;
-            serde_json::from_str(text).map_err(|e| ConfigError::new(".", format!("not valid JSON: {e}")))?
-        };
-        Self::compile(&Obj::new(&doc, "")?, env)
+        sluice_core::config::read(bytes, |o| Self::load(o, env))
     }
 
-    /// Validate a configuration object.
-    pub fn compile(o: &Obj<'_>, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        o.known(&[
-            "providers",
-            "from",
-            "api_keys",
-            "jwt_authn",
-            "subject_claim",
-            "team_claim",
-            "claims_to_filter_state",
-            "claims_to_headers",
-            "strip_credentials",
-            "policies",
-            "default_policy",
-            "model_access",
-            "max_body_bytes",
-            "cache_max_entries",
-            "failure_mode",
-        ])?;
+    /// Read and validate a configuration object.
+    pub fn load(o: Obj<'_>, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        o.known(FIELDS)?;
         match o.string("failure_mode")?.as_deref() {
             None | Some("deny") => {}
             Some(_) => return Err(o.err("failure_mode", "auth only supports \"deny\"")),
         }
-        let mut providers = Vec::new();
-        for (path, v) in o.list("providers")?.unwrap_or_default() {
-            providers.push(compile_provider(&Obj::new(v, &path)?, env)?);
-        }
+        let providers = o.objects("providers", |p| load_provider(p, env))?.unwrap_or_default();
         for (i, p) in providers.iter().enumerate() {
             if providers.iter().take(i).any(|q| q.issuer == p.issuer) {
-                return Err(ConfigError::new(format!("providers[{i}].issuer"), "duplicate issuer"));
+                return Err(o.err(&format!("providers[{i}].issuer"), "duplicate issuer"));
             }
         }
-        let from = compile_sources(o, "from", Source::bearer())?;
-        let (api_key_from, api_keys) = match o.object("api_keys")? {
-            None => (Vec::new(), Vec::new()),
-            Some(a) => {
+        let from = load_sources(o, "from", Source::bearer())?;
+        let (api_key_from, api_keys) = o
+            .object("api_keys", |a| {
                 a.known(&["from", "keys"])?;
-                let from = compile_sources(&a, "from", Source::Header { name: "x-api-key".into(), prefix: None })?;
-                let mut keys = Vec::new();
-                for (path, v) in a.list("keys")?.ok_or_else(|| a.err("keys", "missing field"))? {
-                    keys.push(compile_api_key(&Obj::new(v, &path)?)?);
-                }
-                (from, keys)
+                let from = load_sources(a, "from", Source::Header { name: "x-api-key".into(), prefix: None })?;
+                let keys = a.objects("keys", load_api_key)?.ok_or_else(|| a.err("keys", "missing field"))?;
+                Ok((from, keys))
+            })?
+            .unwrap_or_default();
+        let jwt_authn = o.object("jwt_authn", |j| {
+            j.known(&["payload_in_metadata", "namespace"])?;
+            let key = j.required("payload_in_metadata")?;
+            let namespace = j.string("namespace")?.unwrap_or_else(|| "envoy.filters.http.jwt_authn".into());
+            if key.is_empty() || namespace.is_empty() {
+                return Err(j.err(".", "payload_in_metadata and namespace must not be empty"));
             }
-        };
-        let jwt_authn = match o.object("jwt_authn")? {
-            None => None,
-            Some(j) => {
-                j.known(&["payload_in_metadata", "namespace"])?;
-                let key = j.required("payload_in_metadata")?;
-                let namespace = j.string("namespace")?.unwrap_or_else(|| "envoy.filters.http.jwt_authn".into());
-                if key.is_empty() || namespace.is_empty() {
-                    return Err(o.err("jwt_authn", "payload_in_metadata and namespace must not be empty"));
-                }
-                Some(JwtAuthn { namespace, key })
-            }
-        };
+            Ok(JwtAuthn { namespace, key })
+        })?;
         if providers.is_empty() && api_keys.is_empty() && jwt_authn.is_none() {
             return Err(o.err("providers", "configure at least one of providers, api_keys, jwt_authn"));
         }
-        let mut claims_to_headers = Vec::new();
-        if let Some(m) = o.object("claims_to_headers")? {
-            for (h, c) in m.map {
-                let field = join("claims_to_headers", h);
-                validate_header_name(h).map_err(|e| ConfigError::new(field.clone(), e))?;
-                match c.as_str() {
-                    Some(c) if !c.is_empty() => claims_to_headers.push((h.clone(), c.to_string())),
-                    _ => return Err(ConfigError::new(field, "expected a non-empty claim path")),
+        let claims_to_headers = o
+            .object("claims_to_headers", |m| {
+                let mut out = Vec::with_capacity(m.len());
+                for (h, c) in m.entries() {
+                    validate_header_name(h).map_err(|e| m.err(h, e))?;
+                    match c.as_str() {
+                        Some(c) if !c.is_empty() => out.push((h.clone(), c.to_string())),
+                        _ => return Err(m.err(h, "expected a non-empty claim path")),
+                    }
                 }
-            }
-        }
+                Ok(out)
+            })?
+            .unwrap_or_default();
         let claims_to_filter_state = o.strings("claims_to_filter_state")?.unwrap_or_default();
         for (i, c) in claims_to_filter_state.iter().enumerate() {
             if c.is_empty() || c.contains('/') {
-                return Err(ConfigError::new(
-                    format!("claims_to_filter_state[{i}]"),
-                    "claim name must be non-empty, no '/'",
-                ));
+                return Err(o.err(&format!("claims_to_filter_state[{i}]"), "claim name must be non-empty, no '/'"));
             }
         }
-        let mut policies = BTreeMap::new();
-        if let Some(m) = o.object("policies")? {
-            for (name, v) in m.map {
-                let rule = Rule::compile(v).map_err(|e| e.within(&join("policies", name)))?;
-                policies.insert(name.clone(), rule);
-            }
-        }
+        let policies = o
+            .object("policies", |m| {
+                let mut out = BTreeMap::new();
+                for (name, v) in m.entries() {
+                    let rule = Rule::compile(v).map_err(|e| e.within(&m.field_path(name)))?;
+                    out.insert(name.clone(), rule);
+                }
+                Ok(out)
+            })?
+            .unwrap_or_default();
         let default_policy = o.string("default_policy")?;
         if let Some(d) = &default_policy {
             if !policies.contains_key(d) {
                 return Err(o.err("default_policy", format!("no policy named {d:?}")));
             }
         }
-        let model_access = match o.object("model_access")? {
-            None => None,
-            Some(m) => {
-                m.known(&["claim", "models_path"])?;
-                let claim = m.string("claim")?.unwrap_or_else(|| "llms.{provider}".into());
-                if claim.is_empty() {
-                    return Err(m.err("claim", "empty"));
-                }
-                let models_path = m.string("models_path")?.unwrap_or_else(|| "/v1/models".into());
-                if !models_path.starts_with('/') {
-                    return Err(m.err("models_path", "must start with /"));
-                }
-                Some(ModelAccess { claim, models_path })
+        let model_access = o.object("model_access", |m| {
+            m.known(&["claim", "models_path"])?;
+            let claim = m.string("claim")?.unwrap_or_else(|| "llms.{provider}".into());
+            if claim.is_empty() {
+                return Err(m.err("claim", "empty"));
             }
-        };
+            let path = m.string("models_path")?.unwrap_or_else(|| "/v1/models".into());
+            // `/v1/models/` and `/v1/models` name the same list.
+            let models_path = path.trim_end_matches('/').to_string();
+            if !path.starts_with('/') || models_path.is_empty() {
+                return Err(m.err("models_path", "must start with / and name a path, e.g. /v1/models"));
+            }
+            Ok(ModelAccess { claim, models_path })
+        })?;
         let max_body_bytes = o.count("max_body_bytes")?.unwrap_or(1 << 20);
         if max_body_bytes == 0 {
             return Err(o.err("max_body_bytes", "must be > 0"));
         }
+        let max_keys_per_token = o.count("max_keys_per_token")?.unwrap_or(2);
+        if max_keys_per_token == 0 {
+            return Err(o.err("max_keys_per_token", "must be at least 1"));
+        }
+        let limits = VerifyLimits {
+            negative_ttl: o.duration("negative_cache_ttl")?.unwrap_or(Duration::from_secs(30)),
+            negative_max_entries: o.count("negative_cache_max_entries")?.unwrap_or(1024),
+            max_keys_per_token,
+            max_verifies_per_second: o.u64("max_verifies_per_second")?.unwrap_or(200),
+        };
         Ok(Config {
             providers,
             from,
             api_key_from,
             api_keys,
             jwt_authn,
-            subject_claim: non_empty(o.string("subject_claim")?, "sub", "subject_claim")?,
-            team_claim: non_empty(o.string("team_claim")?, "team", "team_claim")?,
+            subject_claim: non_empty(o, "subject_claim", "sub")?,
+            team_claim: non_empty(o, "team_claim", "team")?,
             claims_to_filter_state,
             claims_to_headers,
-            strip_credentials: o.boolean("strip_credentials")?.unwrap_or(true),
+            strip_credentials: o.flag("strip_credentials", true)?,
             policies,
             default_policy,
+            require_policy: o.flag("require_policy", true)?,
             model_access,
             max_body_bytes,
             cache_max_entries: o.count("cache_max_entries")?.unwrap_or(1024),
+            limits,
         })
     }
 }
 
-fn non_empty(v: Option<String>, default: &str, field: &str) -> Result<String, ConfigError> {
-    match v {
+fn non_empty(o: Obj<'_>, key: &str, default: &str) -> Result<String, ConfigError> {
+    match o.string(key)? {
         None => Ok(default.to_string()),
-        Some(s) if s.is_empty() => Err(ConfigError::new(field, "empty")),
+        Some(s) if s.is_empty() => Err(o.err(key, "empty")),
         Some(s) => Ok(s),
     }
 }
 
-fn compile_sources(o: &Obj<'_>, key: &str, default: Source) -> Result<Vec<Source>, ConfigError> {
-    match o.list(key)? {
+fn load_sources(o: Obj<'_>, key: &str, default: Source) -> Result<Vec<Source>, ConfigError> {
+    match o.objects(key, Source::load)? {
         None => Ok(vec![default]),
         Some(list) if list.is_empty() => Err(o.err(key, "empty list")),
-        Some(list) => list.into_iter().map(|(path, v)| Source::parse(&Obj::new(v, &path)?)).collect(),
+        Some(list) => Ok(list),
     }
 }
 
-fn compile_api_key(o: &Obj<'_>) -> Result<ApiKey, ConfigError> {
+fn load_api_key(o: Obj<'_>) -> Result<ApiKey, ConfigError> {
     o.known(&["sha256", "subject", "team", "claims"])?;
-    let hash = parse_hex32(&o.required("sha256")?).ok_or_else(|| o.err("sha256", "expected 64 hex characters"))?;
+    let hex = o.required("sha256")?;
+    let hash = parse_hex32(&hex).ok_or_else(|| o.err("sha256", "expected 64 hex characters"))?;
     let subject = o.required("subject")?;
     if subject.is_empty() {
         return Err(o.err("subject", "empty"));
@@ -443,7 +354,12 @@ fn compile_api_key(o: &Obj<'_>) -> Result<ApiKey, ConfigError> {
     if let Some(t) = o.string("team")? {
         claims.insert("team".into(), Value::String(t));
     }
-    Ok(ApiKey { hash, claims: Value::Object(claims) })
+    Ok(ApiKey { hash, key_id: key_id(&hash), claims: std::rc::Rc::new(Value::Object(claims)) })
+}
+
+/// The published id of an API key: the first 32 hex digits (16 bytes) of its SHA-256.
+pub fn key_id(hash: &[u8; 32]) -> String {
+    hash.iter().take(16).map(|b| format!("{b:02x}")).collect()
 }
 
 /// Parse 64 hex characters.
@@ -460,7 +376,7 @@ pub fn parse_hex32(s: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-fn compile_provider(o: &Obj<'_>, env: &dyn Fn(&str) -> Option<String>) -> Result<Provider, ConfigError> {
+fn load_provider(o: Obj<'_>, env: &dyn Fn(&str) -> Option<String>) -> Result<Provider, ConfigError> {
     o.known(&[
         "name",
         "issuer",
@@ -499,10 +415,14 @@ fn compile_provider(o: &Obj<'_>, env: &dyn Fn(&str) -> Option<String>) -> Result
             Value::String(s) => s.clone(),
             other => other.to_string(),
         };
-        keys = KeySet::from_jwks(text.as_bytes(), KeySource::Inline).map_err(|e| o.err("jwks", e))?;
-        if keys.is_empty() {
+        let (set, skipped) = KeySet::from_jwks(text.as_bytes()).map_err(|e| o.err("jwks", e))?;
+        for why in skipped {
+            log::warn!("{} #root: providers {name:?}: skipping JWK: {why}", crate::NAME);
+        }
+        if set.is_empty() {
             return Err(o.err("jwks", "no usable keys"));
         }
+        keys = set;
     }
     if let Some(pem) = o.string("public_key_pem")? {
         sources += 1;
@@ -516,38 +436,10 @@ fn compile_provider(o: &Obj<'_>, env: &dyn Fn(&str) -> Option<String>) -> Result
             .ok_or_else(|| o.err("hmac_secret_env", format!("environment variable {var} is not set")))?;
         keys = KeySet::from_secret(secret.as_bytes());
     }
-    let remote = match o.object("remote_jwks")? {
-        None => None,
-        Some(r) => {
-            sources += 1;
-            r.known(&["cluster", "path", "authority", "refresh_interval", "min_refresh_interval", "timeout"])?;
-            let cluster = r.required("cluster")?;
-            if cluster.is_empty() {
-                return Err(r.err("cluster", "empty"));
-            }
-            let path = r.required("path")?;
-            if !path.starts_with('/') {
-                return Err(r.err("path", "must start with /"));
-            }
-            let refresh_interval = r.duration("refresh_interval")?.unwrap_or(Duration::from_secs(300));
-            if refresh_interval < Duration::from_secs(1) {
-                return Err(r.err("refresh_interval", "must be at least 1s"));
-            }
-            let min_refresh_interval = r.duration("min_refresh_interval")?.unwrap_or(Duration::from_secs(10));
-            let timeout = r.duration("timeout")?.unwrap_or(Duration::from_secs(2));
-            if timeout.is_zero() {
-                return Err(r.err("timeout", "must be > 0"));
-            }
-            Some(RemoteJwks {
-                authority: r.string("authority")?.unwrap_or_else(|| cluster.clone()),
-                cluster,
-                path,
-                refresh_interval,
-                min_refresh_interval,
-                timeout,
-            })
-        }
-    };
+    let remote = o.object("remote_jwks", load_remote)?;
+    if remote.is_some() {
+        sources += 1;
+    }
     if sources != 1 {
         return Err(o.err("jwks", "set exactly one of jwks, remote_jwks, public_key_pem, hmac_secret_env"));
     }
@@ -571,6 +463,35 @@ fn compile_provider(o: &Obj<'_>, env: &dyn Fn(&str) -> Option<String>) -> Result
         static_keys: keys,
         remote,
         leeway: o.duration("leeway")?.unwrap_or(Duration::from_secs(60)).as_secs(),
-        require_exp: o.boolean("require_exp")?.unwrap_or(true),
+        require_exp: o.flag("require_exp", true)?,
+    })
+}
+
+fn load_remote(r: Obj<'_>) -> Result<RemoteJwks, ConfigError> {
+    r.known(&["cluster", "path", "authority", "refresh_interval", "min_refresh_interval", "timeout"])?;
+    let cluster = r.required("cluster")?;
+    if cluster.is_empty() {
+        return Err(r.err("cluster", "empty"));
+    }
+    let path = r.required("path")?;
+    if !path.starts_with('/') {
+        return Err(r.err("path", "must start with /"));
+    }
+    let refresh_interval = r.duration("refresh_interval")?.unwrap_or(Duration::from_secs(300));
+    if refresh_interval < Duration::from_secs(1) {
+        return Err(r.err("refresh_interval", "must be at least 1s"));
+    }
+    let min_refresh_interval = r.duration("min_refresh_interval")?.unwrap_or(Duration::from_secs(10));
+    let timeout = r.duration("timeout")?.unwrap_or(Duration::from_secs(2));
+    if timeout.is_zero() {
+        return Err(r.err("timeout", "must be > 0"));
+    }
+    Ok(RemoteJwks {
+        authority: r.string("authority")?.unwrap_or_else(|| cluster.clone()),
+        cluster,
+        path,
+        refresh_interval,
+        min_refresh_interval,
+        timeout,
     })
 }

@@ -1,11 +1,11 @@
 //! Remote JWKS bookkeeping per VM: the keys last fetched, when to fetch again, and how a
-//! fetch result changes them. Pure: the filter glue does the callouts.
+//! fetch result changes them. Pure: the plugin (root timer) and the stage (unknown `kid`)
+//! make the callouts.
 
-use crate::config::{Config, RemoteJwks};
-use crate::jwt::{sha256, TokenCache};
-use crate::keys::{KeySet, KeySource};
+use crate::config::RemoteJwks;
+use crate::jwt::sha256;
+use crate::keys::KeySet;
 use sluice_core::host::Host;
-use sluice_core::metrics::MetricIds;
 
 /// State of one provider's remote JWKS.
 #[derive(Debug, Default, Clone)]
@@ -22,6 +22,20 @@ pub struct RemoteState {
     pub in_flight_since_ms: Option<u64>,
     /// Hash of the last JWKS body applied.
     body_hash: Option<[u8; 32]>,
+    /// Version (CAS) of the shared-data copy last looked at: an unchanged copy is not parsed
+    /// or hashed again (the timer looks every tick; requests look when a key is missing).
+    shared_cas: Option<u32>,
+}
+
+/// What applying a JWKS document did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Applied {
+    /// The key set changed.
+    pub changed: bool,
+    /// Keys now held.
+    pub keys: usize,
+    /// JWKs that could not be parsed (skipped), with why.
+    pub skipped: Vec<String>,
 }
 
 impl RemoteState {
@@ -61,9 +75,14 @@ impl RemoteState {
         self.in_flight_since_ms = Some(now_ms);
     }
 
+    /// Record that a fetch could not even be dispatched (counts as an attempt).
+    pub fn not_dispatched(&mut self, now_ms: u64) {
+        self.last_attempt_ms = Some(now_ms);
+        self.in_flight_since_ms = None;
+    }
+
     /// Apply a fetch result. A failed or unusable response keeps the cached keys.
-    /// `Ok(true)`: the key set changed.
-    pub fn finished(&mut self, status: Option<u16>, body: Option<&[u8]>) -> Result<bool, String> {
+    pub fn finished(&mut self, status: Option<u16>, body: Option<&[u8]>) -> Result<Applied, String> {
         self.in_flight_since_ms = None;
         if status != Some(200) {
             return Err(format!("JWKS fetch answered {status:?}"));
@@ -72,26 +91,33 @@ impl RemoteState {
     }
 
     /// Use a JWKS document (fetched here, or published by another worker).
-    pub fn apply(&mut self, body: &[u8]) -> Result<bool, String> {
+    pub fn apply(&mut self, body: &[u8]) -> Result<Applied, String> {
         let hash = sha256(body);
         if self.loaded && self.body_hash == Some(hash) {
-            return Ok(false);
+            return Ok(Applied { changed: false, keys: self.keys.keys.len(), skipped: Vec::new() });
         }
-        let keys = KeySet::from_jwks(body, KeySource::Remote)?;
+        let (keys, skipped) = KeySet::from_jwks(body)?;
         if keys.is_empty() {
             return Err("JWKS has no usable keys".into());
         }
+        let n = keys.keys.len();
         self.keys = keys;
         self.loaded = true;
         self.body_hash = Some(hash);
         self.generation = self.generation.wrapping_add(1);
-        Ok(true)
+        Ok(Applied { changed: true, keys: n, skipped })
     }
 
-    /// Adopt the JWKS another worker VM published in shared data, if it differs.
-    pub fn sync_shared<H: Host + ?Sized>(&mut self, h: &H, provider: &str) -> bool {
-        match h.shared_data(&shared_key(provider)).0 {
-            Some(body) if !body.is_empty() => self.apply(&body).unwrap_or(false),
+    /// Adopt the JWKS another worker VM published in shared data, if it differs (one
+    /// shared-data read).
+    pub fn sync_shared(&mut self, h: &dyn Host, provider: &str) -> bool {
+        let (value, cas) = h.shared_data(&shared_key(provider));
+        if cas.is_some() && cas == self.shared_cas {
+            return false;
+        }
+        self.shared_cas = cas;
+        match value {
+            Some(body) if !body.is_empty() => self.apply(&body).is_ok_and(|a| a.changed),
             _ => false,
         }
     }
@@ -103,38 +129,9 @@ pub fn shared_key(provider: &str) -> String {
     format!("sluice.auth.jwks.{provider}")
 }
 
-/// Publish a fetched JWKS for the other worker VMs.
-pub fn publish<H: Host + ?Sized>(h: &mut H, provider: &str, body: &[u8]) {
-    if let Err(e) = h.set_shared_data(&shared_key(provider), body, None) {
-        log::warn!("auth: publishing JWKS for {provider}: {e:?}");
-    }
-}
-
-/// Everything one VM (one worker thread) keeps across requests.
-#[derive(Debug)]
-pub struct VmState {
-    /// Remote JWKS state by provider index (unused for static providers).
-    pub remote: Vec<RemoteState>,
-    /// Verified tokens.
-    pub cache: TokenCache,
-    /// Metric ids.
-    pub metrics: MetricIds,
-}
-
-impl VmState {
-    /// Fresh state for a configuration.
-    pub fn new(cfg: &Config) -> Self {
-        Self {
-            remote: vec![RemoteState::default(); cfg.providers.len()],
-            cache: TokenCache::new(cfg.cache_max_entries),
-            metrics: MetricIds::new(64),
-        }
-    }
-
-    /// Key generation of a provider (0 for static keys).
-    pub fn generation(&self, provider: usize) -> u64 {
-        self.remote.get(provider).map_or(0, |r| r.generation)
-    }
+/// Publish a fetched JWKS for the other worker VMs; `false` if the host refused.
+pub fn publish(h: &mut dyn Host, provider: &str, body: &[u8]) -> bool {
+    h.set_shared_data(&shared_key(provider), body, None).is_ok()
 }
 
 /// The callout headers for a JWKS fetch.
@@ -145,4 +142,28 @@ pub fn fetch_headers(r: &RemoteJwks) -> Vec<(&str, &str)> {
         (":authority", r.authority.as_str()),
         ("accept", "application/json"),
     ]
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use sluice_core::host::FakeHost;
+
+    const JWKS: &[u8] = br#"{"keys":[{"kty":"OKP","crv":"Ed25519","use":"sig","kid":"a","x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#;
+
+    #[test]
+    fn shared_copy_is_adopted_once_per_version() {
+        let mut h = FakeHost::default();
+        let mut r = RemoteState::default();
+        assert!(!r.sync_shared(&h, "idp"), "nothing published");
+        assert!(publish(&mut h, "idp", JWKS));
+        assert!(r.sync_shared(&h, "idp"));
+        assert!(r.loaded && r.keys.has_kid("a"));
+        let generation = r.generation;
+        assert!(!r.sync_shared(&h, "idp"), "same version: not parsed again");
+        assert!(publish(&mut h, "idp", JWKS));
+        assert!(!r.sync_shared(&h, "idp"), "new version, same keys: unchanged");
+        assert_eq!(r.generation, generation);
+    }
 }

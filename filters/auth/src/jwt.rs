@@ -6,11 +6,10 @@
 //! rule here is explicit, see `check_claims`.
 
 use crate::config::Provider;
-use crate::keys::KeySet;
+use crate::keys::{Key, KeySet};
 use jsonwebtoken::Algorithm;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use std::rc::Rc;
 
 /// Longest token accepted; longer is `malformed` before any parsing.
@@ -176,25 +175,42 @@ fn num_claim(claims: &Value, name: &str) -> Result<Option<u64>, Failure> {
     }
 }
 
-/// Verify the signature with `keys` and check the claims at `now` (seconds).
-pub fn verify(token: &str, peek: &Peek, provider: &Provider, keys: &KeySet, now: u64) -> Result<Verified, Failure> {
+/// The keys to try for a token: the provider must accept its `alg`, and at most `max` keys
+/// are returned (with a `kid`, that key first). No crypto here: a token refused at this point
+/// cost only its parsing.
+pub fn candidates<'k>(peek: &Peek, provider: &Provider, keys: &'k KeySet, max: usize) -> Result<Vec<&'k Key>, Failure> {
     if !provider.algorithms.contains(&peek.alg) {
         return Err(Failure::Algorithm);
     }
-    let candidates = keys.candidates(peek.kid.as_deref(), peek.alg);
-    if candidates.is_empty() {
+    let all = keys.candidates(peek.kid.as_deref(), peek.alg);
+    if all.is_empty() {
         return Err(match &peek.kid {
             Some(kid) if !keys.has_kid(kid) => Failure::UnknownKey,
             _ => Failure::Signature,
         });
     }
+    Ok(all.into_iter().take(max).collect())
+}
+
+/// Check the signature against `keys` (one signature check each, stopping at the first that
+/// verifies), then the claims at `now` (seconds). Returns the outcome and how many signature
+/// checks ran.
+pub fn verify_with(
+    token: &str,
+    peek: &Peek,
+    provider: &Provider,
+    keys: &[&Key],
+    now: u64,
+) -> (Result<Verified, Failure>, usize) {
     // jsonwebtoken checks the signature over `header.payload` as sent; the claims were
     // parsed once in `peek` and are checked below (its own claim validation would parse
     // them again through derive-heavy types that cost wasm size for nothing).
-    let (message, signature) = token.rsplit_once('.').ok_or(Failure::Malformed)?;
+    let Some((message, signature)) = token.rsplit_once('.') else { return (Err(Failure::Malformed), 0) };
     let mut last = Failure::Signature;
     let mut verified = false;
-    for k in candidates {
+    let mut checks = 0usize;
+    for k in keys {
+        checks = checks.saturating_add(1);
         match jsonwebtoken::crypto::verify(signature, message.as_bytes(), &k.key, peek.alg) {
             Ok(true) => {
                 verified = true;
@@ -210,12 +226,17 @@ pub fn verify(token: &str, peek: &Peek, provider: &Provider, keys: &KeySet, now:
         }
     }
     if !verified {
-        return Err(last);
+        return (Err(last), checks);
     }
     let claims = peek.payload.clone();
-    check_claims(&claims, provider, now)?;
-    let exp = num_claim(&claims, "exp")?;
-    Ok(Verified { claims: Rc::new(claims), exp })
+    let checked = check_claims(&claims, provider, now).and_then(|()| num_claim(&claims, "exp"));
+    (checked.map(|exp| Verified { claims: Rc::new(claims), exp }), checks)
+}
+
+/// Verify with every candidate key (tests and tools; the filter caps the keys tried).
+pub fn verify(token: &str, peek: &Peek, provider: &Provider, keys: &KeySet, now: u64) -> Result<Verified, Failure> {
+    let keys = candidates(peek, provider, keys, usize::MAX)?;
+    verify_with(token, peek, provider, &keys, now).0
 }
 
 /// `iss`, `aud`, `exp`, `nbf`, `iat` checks.
@@ -261,68 +282,7 @@ pub fn check_claims(claims: &Value, provider: &Provider, now: u64) -> Result<(),
     Ok(())
 }
 
-/// SHA-256 of a credential (cache key, API-key lookup).
+/// SHA-256 (API-key lookup, JWKS body change detection).
 pub fn sha256(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
-}
-
-/// A cached verification.
-#[derive(Debug, Clone)]
-struct CacheEntry {
-    claims: Rc<Value>,
-    exp: Option<u64>,
-    provider: usize,
-    generation: u64,
-}
-
-/// Verified tokens per VM, keyed by SHA-256 of the token, never served past `exp` or
-/// after the provider's keys changed. Bounded: when full, expired entries go first, then
-/// everything (a simple, predictable bound).
-#[derive(Debug, Default)]
-pub struct TokenCache {
-    map: HashMap<[u8; 32], CacheEntry>,
-    max: usize,
-}
-
-impl TokenCache {
-    /// A cache of at most `max` entries (0 disables).
-    pub fn new(max: usize) -> Self {
-        Self { map: HashMap::new(), max }
-    }
-
-    /// Entries held.
-    pub fn len(&self) -> usize {
-        self.map.len()
-    }
-
-    /// Empty?
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    /// A still-valid verification of this token.
-    pub fn get(&mut self, hash: &[u8; 32], now: u64, generation: impl Fn(usize) -> u64) -> Option<(usize, Rc<Value>)> {
-        let e = self.map.get(hash)?;
-        let fresh = e.exp.is_none_or(|exp| now < exp) && generation(e.provider) == e.generation;
-        if fresh {
-            Some((e.provider, e.claims.clone()))
-        } else {
-            self.map.remove(hash);
-            None
-        }
-    }
-
-    /// Remember a verification.
-    pub fn put(&mut self, hash: [u8; 32], provider: usize, generation: u64, v: &Verified, now: u64) {
-        if self.max == 0 {
-            return;
-        }
-        if self.map.len() >= self.max {
-            self.map.retain(|_, e| e.exp.is_none_or(|exp| now < exp));
-            if self.map.len() >= self.max {
-                self.map.clear();
-            }
-        }
-        self.map.insert(hash, CacheEntry { claims: v.claims.clone(), exp: v.exp, provider, generation });
-    }
 }

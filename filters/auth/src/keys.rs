@@ -3,15 +3,6 @@
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::Value;
 
-/// Where a key set came from (logs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KeySource {
-    /// Inline JWKS in the config.
-    Inline,
-    /// JWKS fetched from a cluster.
-    Remote,
-}
-
 /// The key family a token's `alg` needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
@@ -102,19 +93,22 @@ fn jwk_key(jwk: &Value) -> Option<Result<Key, String>> {
 
 impl KeySet {
     /// Parse a JWKS document. Keys that are not for signatures, symmetric, or of an
-    /// unsupported type are skipped; a document that is not a JWKS is an error.
-    pub fn from_jwks(bytes: &[u8], _source: KeySource) -> Result<Self, String> {
+    /// unsupported type are skipped silently; keys that fail to parse are skipped and
+    /// returned as reasons (the caller logs them with its context); a document that is not a
+    /// JWKS is an error.
+    pub fn from_jwks(bytes: &[u8]) -> Result<(Self, Vec<String>), String> {
         let doc: Value = serde_json::from_slice(bytes).map_err(|e| format!("not a JWKS document: {e}"))?;
         let list = doc.get("keys").and_then(Value::as_array).ok_or("not a JWKS document: no \"keys\" list")?;
         let mut keys = Vec::new();
+        let mut skipped = Vec::new();
         for jwk in list {
             match jwk_key(jwk) {
                 Some(Ok(k)) => keys.push(k),
-                Some(Err(e)) => log::warn!("auth: skipping JWK: {e}"),
+                Some(Err(e)) => skipped.push(e),
                 None => {}
             }
         }
-        Ok(Self { keys })
+        Ok((Self { keys }, skipped))
     }
 
     /// A PEM public key (RSA, EC P-256/P-384 or Ed25519).
@@ -140,20 +134,20 @@ impl KeySet {
         self.keys.is_empty()
     }
 
-    /// Keys that may verify a token with this `kid` and `alg`. With a `kid`, only keys with
-    /// that `kid` (or, for single-key sets without kids, that key); without, every key of
-    /// the right family.
+    /// Keys that may verify a token with this `kid` and `alg`, best first. With a `kid`, the
+    /// keys with that `kid`, then keys that have none; without, every key of the right family
+    /// (the caller caps how many are tried: `max_keys_per_token`).
     pub fn candidates(&self, kid: Option<&str>, alg: Algorithm) -> Vec<&Key> {
         let fam = family_of(alg);
-        self.keys
-            .iter()
-            .filter(|k| k.family == fam && k.alg.is_none_or(|a| a == alg))
-            .filter(|k| match (kid, k.kid.as_deref()) {
-                (Some(want), Some(have)) => want == have,
-                (Some(_), None) => true,
-                (None, _) => true,
-            })
-            .collect()
+        let usable = |k: &&Key| k.family == fam && k.alg.is_none_or(|a| a == alg);
+        match kid {
+            Some(want) => {
+                let exact = self.keys.iter().filter(usable).filter(|k| k.kid.as_deref() == Some(want));
+                let anonymous = self.keys.iter().filter(usable).filter(|k| k.kid.is_none());
+                exact.chain(anonymous).collect()
+            }
+            None => self.keys.iter().filter(usable).collect(),
+        }
     }
 
     /// Whether a key with this `kid` exists (any family).
