@@ -34,15 +34,17 @@ pub mod glue;
 pub mod proxy_host;
 
 /// Declare a filter's entry point: `sluice_core::filter_main!(NAME, assemble);`
-/// (expands to nothing on native builds, so the crate's tests link).
+/// (expands to nothing on native builds, so the crate's tests link). The entry point is
+/// behind the crate's `filter` feature (on by default): the composed gateway links every
+/// filter crate with `default-features = false`, so only its own entry point is exported.
 #[macro_export]
 macro_rules! filter_main {
     ($name:expr, $assemble:path) => {
-        #[cfg(target_arch = "wasm32")]
+        #[cfg(all(target_arch = "wasm32", feature = "filter"))]
         fn sluice_start() {
             $crate::glue::start($name, env!("CARGO_PKG_VERSION"), $assemble);
         }
-        #[cfg(target_arch = "wasm32")]
+        #[cfg(all(target_arch = "wasm32", feature = "filter"))]
         #[allow(unsafe_code)] // proxy_wasm::main! exports the module's initializer
         mod sluice_entry {
             proxy_wasm::main! {{
