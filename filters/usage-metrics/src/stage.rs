@@ -196,7 +196,6 @@ impl UsageStage {
             team,
         };
         rec.count(h, &labels.requests(&status_class(x.response.status)), 1);
-        keys::set_filter_state(h, keys::OPERATION, x.request.api.operation());
         if !x.response.ok() || x.response.local {
             return;
         }
@@ -308,10 +307,12 @@ impl Stage for UsageStage {
         Flow::Continue
     }
 
-    fn on_request(&mut self, x: &mut Exchange, _h: &mut dyn Host) -> Flow {
+    fn on_request(&mut self, x: &mut Exchange, h: &mut dyn Host) -> Flow {
         if !self.tracked || x.served_locally {
             return Flow::Continue;
         }
+        // On the request path, so every trace span (attempts included) can be named by it.
+        keys::set_filter_state(h, keys::OPERATION, x.request.api.operation());
         let api: Api = x.request.api;
         let wants = x.request.json().is_some_and(|v| api::is_stream(v) && !api::asked_include_usage(v));
         if self.config.inject_include_usage && api.supports_include_usage() && wants {
