@@ -16,6 +16,7 @@ import uuid
 import pytest
 import requests
 
+from h2client import h2_request
 from harness import ENVOY, ROOT, WORK, Gateway, chat, clean_workdir, config_ports, free_port, render_config, sse_events, wait_for
 
 CONFIG = "examples/prompt-enrichment/envoy.yaml"
@@ -289,6 +290,126 @@ def test_metrics_and_access_log(gw):
 
     lines = wait_for(logged, 15, "access log line with the requested model")
     assert lines[-1]["http.status"] == 200
+
+
+# --- HTTP/2, request trailers (issue 13 §1) -------------------------------------------------
+
+def h2_send(gw, path: str, body: dict, trailers: dict | None, headers: dict | None = None):
+    """POST over h2c with the body in several DATA frames (ending with trailers when given);
+    returns the response and the upstream's log entry for exactly this request."""
+    marker = uuid.uuid4().hex
+    data = json.dumps(body).encode()
+    chunks = [data[i:i + 40] for i in range(0, len(data), 40)]
+    h = {"content-type": "application/json", "x-test-id": marker, **(headers or {})}
+    r = h2_request(gw.envoy.listener_port, "POST", path, h, chunks, trailers=trailers)
+    seen = [e for e in gw.mocks[18001].log() if e["headers"].get("x-test-id") == marker]
+    assert len(seen) <= 1
+    return r, (seen[0] if seen else None)
+
+
+def test_request_ending_with_trailers_is_enriched(gw):
+    """A body that ends with a trailers frame gets the profile exactly like one ending with
+    END_STREAM (it used to be forwarded unenriched)."""
+    for trailers in ({"x-client-trailer": "1"}, None):
+        r, seen = h2_send(gw, "/v1/chat/completions", chat(SEED_TEXT, model="gpt-4o-mini"), trailers)
+        assert r.status == 200, (trailers, r.text)
+        assert seen is not None
+        assert seen["body"]["messages"] == [SYSTEM, {"role": "user", "content": SEED_TEXT}], trailers
+    # Caps hold too: a capped field past the cap, body ending with trailers.
+    r, seen = h2_send(gw, "/fields/v1/chat/completions", chat("hi", max_completion_tokens=9999), {"x-t": "1"})
+    assert r.status == 200, r.text
+    assert seen["body"]["max_completion_tokens"] == 1024
+    # A refusal too: a capped field of the wrong type never reaches the provider.
+    r, seen = h2_send(gw, "/fields/v1/chat/completions", chat("hi", max_tokens="5000"), {"x-t": "1"})
+    assert r.status == 400, r.text
+    assert seen is None
+
+
+# --- every format gets the prompt and the fields in its own place (issue 19 §1) ------------
+
+def test_responses_api_gets_instructions(gw):
+    body = {"model": "gpt-4o", "instructions": "Be brief.", "input": SEED_TEXT}
+    r, seen = send(gw, "/v1/responses", body)
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "response"
+    sent = seen["body"]
+    assert sent["instructions"] == f"{CSV_PROMPT}\n\nBe brief."
+    assert sent["input"] == SEED_TEXT
+    assert "messages" not in sent
+    # The provider counted the gateway's instructions (mock: ceil(bytes / 4)).
+    assert r.json()["usage"]["input_tokens"] == -(-len(f"{CSV_PROMPT}\n\nBe brief.{SEED_TEXT}".encode()) // 4)
+
+
+def test_messages_api_gets_system(gw):
+    body = {"model": "claude-sonnet-4", "max_tokens": 64, "messages": [{"role": "user", "content": SEED_TEXT}]}
+    r, seen = send(gw, "/v1/messages", body, headers={"anthropic-version": "2023-06-01"})
+    assert r.status_code == 200, r.text  # the mock validates the Messages shape like the real API
+    assert r.json()["type"] == "message"
+    assert seen["body"]["system"] == CSV_PROMPT
+    assert seen["body"]["messages"] == body["messages"]
+    # A client system prompt in blocks: the gateway's goes first, as its own block.
+    body["system"] = [{"type": "text", "text": "Client rules."}]
+    r, seen = send(gw, "/v1/messages", body, headers={"anthropic-version": "2023-06-01"})
+    assert r.status_code == 200, r.text
+    assert seen["body"]["system"] == [{"type": "text", "text": CSV_PROMPT}, {"type": "text", "text": "Client rules."}]
+
+
+def test_fields_in_the_formats_own_names(gw):
+    # Responses: the output cap and the max_tokens default go to max_output_tokens.
+    r, seen = send(gw, "/fields/v1/responses", {"model": "gpt-4o", "input": "hi", "max_output_tokens": 5000})
+    assert r.status_code == 200, r.text
+    sent = seen["body"]
+    assert sent["max_output_tokens"] == 1024
+    assert "max_tokens" not in sent and "max_completion_tokens" not in sent
+    assert (sent["temperature"], sent["top_p"]) == (0.2, 0.9)
+    r, seen = send(gw, "/fields/v1/responses", {"model": "gpt-4o", "input": "hi", "stream": True})
+    assert r.status_code == 200, r.text  # stream_options is never sent to the Responses API
+    assert seen["body"]["max_output_tokens"] == 256
+    assert "stream_options" not in seen["body"]
+
+
+def test_one_output_cap_bounds_both_chat_fields(gateway, workdir):
+    """A profile capping only max_tokens (like envoy/envoy.yaml once did) bounds
+    max_completion_tokens too: the client cannot dodge the cap with the other field."""
+    text = (ROOT / CONFIG).read_text()
+    old = '"caps": {"max_tokens": 1024, "max_completion_tokens": 1024}'
+    assert old in text
+    cfg = workdir / "one-cap.yaml"
+    cfg.write_text(text.replace(old, '"caps": {"max_tokens": 1024}'))
+    g = gateway(cfg, mocks={18001: {"name": "openai", "model": "gpt-4o"}})
+    for field in ("max_completion_tokens", "max_tokens"):
+        r, seen = send(g, "/fields/v1/chat/completions", chat("hi", **{field: 4096}))
+        assert r.status_code == 200, r.text
+        assert seen["body"][field] == 1024, (field, seen["body"])
+    r, seen = send(g, "/fields/v1/chat/completions", chat("hi", max_tokens=5000, max_completion_tokens=3000))
+    assert (seen["body"]["max_tokens"], seen["body"]["max_completion_tokens"]) == (1024, 1024)
+
+
+# --- client headers are not template input unless opted in (issue 13 §4) -------------------
+
+def test_header_variables_need_opt_in(tmp_path):
+    """`{{header.*}}` puts client input into the gateway's prompt: a profile must opt in with
+    allow_header_variables, else Envoy refuses the config naming the field."""
+    text = (ROOT / CONFIG).read_text()
+    opt_in = '"allow_header_variables": true,'
+    assert text.count(opt_in) == 1
+    ports = {p: free_port() for p in config_ports(text)}
+    rendered = tmp_path / "no-opt-in.yaml"
+    rendered.write_text(render_config(text.replace(opt_in, "", 1), ports))
+    log = tmp_path / "envoy.log"
+    proc = subprocess.Popen([str(ENVOY), "-c", str(rendered), "--disable-hot-restart", "--log-level", "warn",
+                             "--log-path", str(log)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        code = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+        raise AssertionError("Envoy accepted a {{header.*}} template without allow_header_variables")
+    out = log.read_text(errors="replace")
+    assert code != 0, out[-3000:]
+    want = ("prompt-enrichment: invalid config: profiles.team.prepend[0].content: template variable "
+            "{{header.x-team}} takes its value from a client request header")
+    assert want in out, out[-3000:]
 
 
 # --- configuration errors stop Envoy --------------------------------------------------------

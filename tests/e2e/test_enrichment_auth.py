@@ -1,8 +1,9 @@
 """prompt-enrichment with the auth filter in front (examples/prompt-enrichment-auth/envoy.yaml).
 
 The auth filter verifies an HS256 JWT and writes the caller's identity into filter state;
-prompt-enrichment renders `{{team}}`, `{{claim.org}}` and `{{user}}` from it. Assertions read
-the body the mock provider received. Skipped only when the auth filter's wasm is not built.
+prompt-enrichment renders `{{team}}`, `{{claim.org}}` and `{{user}}` from it; prompt-guard,
+after enrichment, scans the final prompt. Assertions read the body the mock provider
+received. Skipped only when the auth or prompt-guard wasm is not built.
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ CSV_PROMPT = "Parse the unstructured text into CSV format and respond only with 
 SEED_TEXT = "Seattle, Los Angeles, and Chicago are cities in the United States."
 
 pytestmark = pytest.mark.skipif(
-    not (WASM_DIR / "sluice_auth.wasm").exists(),
-    reason="target/wasm32-wasip1/release/sluice_auth.wasm is not built "
-           "(cargo build --release --target wasm32-wasip1 -p sluice-auth)",
+    not all((WASM_DIR / f"{w}.wasm").exists() for w in ("sluice_auth", "sluice_prompt_guard")),
+    reason="sluice_auth.wasm or sluice_prompt_guard.wasm is not built "
+           "(cargo build --release --target wasm32-wasip1 -p sluice-auth -p sluice-prompt-guard)",
 )
 
 
@@ -85,3 +86,17 @@ def test_team_claim_from_auth_renders_the_system_prompt(gateway):
     r, seen = send(gw, chat(SEED_TEXT), None)
     assert r.status_code == 401
     assert seen is None
+
+
+def test_the_guard_scans_what_enrichment_added(gateway):
+    """Order auth -> prompt-enrichment -> prompt-guard (issue 13 §4): a value rendered into the
+    gateway's prompt (here a claim) is scanned like the client's own text, so nothing added
+    after the guard reaches the model unchecked."""
+    gw = gateway(CONFIG, mocks={18001: {"name": "openai", "model": "gpt-4o"}})
+    r, seen = send(gw, chat(SEED_TEXT), token(sub="eve", team="dev", org="Credit Card Fraud Inc"))
+    assert r.status_code == 403, r.text
+    assert seen is None, "refused before the provider"
+    assert "Rejected due to inappropriate content" in r.text
+    r, seen = send(gw, chat(SEED_TEXT), token(sub="alice", team="dev", org="acme"))
+    assert r.status_code == 200, r.text
+    assert seen["body"]["messages"][1]["content"] == "You answer for team dev of acme."

@@ -267,6 +267,12 @@ impl Response {
         self.changed
     }
 
+    /// Forget a change (a stage that asked for `json_mut` and found nothing to change; check
+    /// [`Response::changed`] before, so another stage's change is kept).
+    pub fn mark_unchanged(&mut self) {
+        self.changed = false;
+    }
+
     pub(crate) fn serialized(&self) -> Option<Vec<u8>> {
         match &self.json {
             Some(Some(v)) if self.changed => serde_json::to_vec(v).ok(),

@@ -59,6 +59,10 @@ pub const USAGE_ESTIMATED: &str = "sluice.usage_estimated";
 pub const TTFT_MS: &str = "sluice.ttft_ms";
 /// Seconds a provider asked us to wait (`retry-after`, `retry-after-ms`, `x-ratelimit-reset-*`). Written by model-failover.
 pub const RETRY_AFTER: &str = "sluice.retry_after";
+/// `1` once model-failover's downstream role removed the client's copies of Envoy/sluice
+/// internal request headers (`x-envoy-attempt-count`, ...); the upstream role trusts the
+/// attempt number only when it is set. Written by model-failover (downstream role).
+pub const FAILOVER_DOWNSTREAM: &str = "sluice.failover_downstream";
 /// Rate-limit verdict: the rule and window that refused, or `ok`. Written by token-ratelimit.
 pub const RATELIMIT: &str = "sluice.ratelimit";
 /// Prompt-guard verdict: `allow`, `mask:<rule>` or `reject:<rule>` (prefixed `shadow_` in shadow

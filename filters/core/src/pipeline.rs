@@ -63,12 +63,20 @@ pub struct Slot {
     pub limit: Option<usize>,
     /// The plugin holds request headers until its decision (`Plugin::holds_headers`).
     pub hold: bool,
+    /// The plugin's filter may publish `sluice.model` (`Plugin::publishes_model`).
+    pub publish_model: bool,
 }
 
 impl Slot {
     /// The slot of one plugin's stage for one request.
     pub fn of(p: &dyn crate::stage::Plugin) -> Self {
-        Self { stage: p.stage(), name: p.name(), limit: p.body_limit(), hold: p.holds_headers() }
+        Self {
+            stage: p.stage(),
+            name: p.name(),
+            limit: p.body_limit(),
+            hold: p.holds_headers(),
+            publish_model: p.publishes_model(),
+        }
     }
 }
 
@@ -93,6 +101,7 @@ pub struct Pipeline {
     replaced: Option<LocalReply>,
     published_usage: bool,
     resp_size: usize,
+    held: bool,
     done: bool,
 }
 
@@ -117,6 +126,7 @@ impl Pipeline {
             replaced: None,
             published_usage: false,
             resp_size: 0,
+            held: false,
             done: false,
         }
     }
@@ -124,7 +134,8 @@ impl Pipeline {
     /// A pipeline that refuses every request with 500 (no valid configuration: unreachable,
     /// since Envoy refuses a filter whose `on_configure` failed, but never a silent pass).
     pub fn misconfigured(id: u32, name: &'static str) -> Self {
-        let slots = vec![Slot { stage: Box::new(Misconfigured(name)), name, limit: None, hold: true }];
+        let slots =
+            vec![Slot { stage: Box::new(Misconfigured(name)), name, limit: None, hold: true, publish_model: false }];
         Self::new(id, slots, Rc::new(RefCell::new(RouteCache::default())))
     }
 
@@ -206,10 +217,15 @@ impl Pipeline {
                     }
                     if let Some(new) = self.x.request.serialized() {
                         h.set_request_body(0, self.body_size, &new);
+                        if self.held {
+                            // Headers are still held: give the provider the new length.
+                            let n = new.len().to_string();
+                            self.x.set_request_header(h, "content-length", Some(n.as_bytes()));
+                        }
                         self.x.request.body = Some(new);
                         self.x.request.mark_unchanged();
                     }
-                    if self.x.body_use() >= BodyUse::Json {
+                    if self.x.body_use() >= BodyUse::Json && self.slots.iter().all(|s| s.publish_model) {
                         // For access logs, traces and separate filters (same value: cheap).
                         if let Some(m) = self.x.model() {
                             keys::set_filter_state(h, keys::REQUESTED_MODEL, &m);
@@ -262,9 +278,6 @@ impl Pipeline {
             }
             return None;
         }
-        if body_use == BodyUse::Modify {
-            self.x.set_request_header(h, "content-length", None);
-        }
         let declared = self.x.request.header_str("content-length").and_then(|v| v.trim().parse::<usize>().ok());
         if let (Some(n), Some((limit, _))) = (declared, self.limit()) {
             if n > limit {
@@ -272,7 +285,12 @@ impl Pipeline {
             }
         }
         self.phase = Phase::AwaitBody;
-        if self.slots.iter().any(|s| s.hold) {
+        self.held = self.slots.iter().any(|s| s.hold);
+        if body_use == BodyUse::Modify && !self.held {
+            // The headers go on before the body is known: its length may change.
+            self.x.set_request_header(h, "content-length", None);
+        }
+        if self.held {
             return Some(Act::Pause);
         }
         // No stage needs the headers held: they go on, the body waits.

@@ -98,7 +98,7 @@ fn pipeline(stages: Vec<Probe>) -> Pipeline {
         .into_iter()
         .map(|p| {
             let name = p.name;
-            Slot { stage: Box::new(p) as Box<dyn Stage>, name, limit: Some(1000), hold: true }
+            Slot { stage: Box::new(p) as Box<dyn Stage>, name, limit: Some(1000), hold: true, publish_model: true }
         })
         .collect();
     Pipeline::new(7, slots, Rc::new(RefCell::new(RouteCache::default())))
@@ -130,13 +130,14 @@ fn body_is_held_then_decided_once_and_rewritten_once() {
     let mut p = pipeline(vec![a, b]);
     let mut h = post();
     assert_eq!(p.on_request_headers(&mut h, false), Act::Pause);
-    assert_eq!(h.req_header("content-length"), None, "dropped: the body may change");
+    assert_eq!(h.req_header("content-length").as_deref(), Some("40"), "held: set again once the body is known");
     h.phase = Phase::RequestBody;
     h.req_body = br#"{"model":"m","messages":[]}"#.to_vec();
     assert_eq!(p.on_request_body(&mut h, 10, false), Act::Pause);
     assert_eq!({ let n = h.req_body.len(); p.on_request_body(&mut h, n, true) }, Act::Continue);
     let sent: Value = serde_json::from_slice(&h.req_body).unwrap();
     assert_eq!(sent["model"], "y");
+    assert_eq!(h.req_header("content-length"), Some(h.req_body.len().to_string()), "the new length");
     assert_eq!(entries(&log), ["a:headers", "b:headers", "a:request model=Some(\"m\")", "b:request model=Some(\"x\")"]);
     assert!(h.refused.is_empty(), "{:?}", h.refused);
 }
@@ -282,7 +283,7 @@ fn waiting_without_a_callout_is_refused_not_hung() {
     }
     let mut p = Pipeline::new(
         1,
-        vec![Slot { stage: Box::new(Broken), name: "broken", limit: None, hold: true }],
+        vec![Slot { stage: Box::new(Broken), name: "broken", limit: None, hold: true, publish_model: true }],
         Rc::new(RefCell::new(RouteCache::default())),
     );
     let mut h = post();

@@ -105,6 +105,12 @@ pub trait Plugin {
         true
     }
 
+    /// Whether this filter publishes the requested model (`sluice.model`) after the request
+    /// phase. The upstream role returns false: its body names the model of one attempt.
+    fn publishes_model(&self) -> bool {
+        true
+    }
+
     /// How often `on_tick` should run.
     fn tick_period(&self) -> Option<Duration> {
         None

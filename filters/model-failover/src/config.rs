@@ -1,7 +1,6 @@
-//! Plugin configuration: read strictly, then checked (`Config::try_from(raw)`).
+//! Plugin configuration, read with the one core reader (`sluice_core::config::Obj`).
 
-use serde::Deserialize;
-use sluice_core::config::{parse_json_config, validate_env_var_name, validate_header_name, ConfigError};
+use sluice_core::config::{validate_env_var_name, validate_header_name, ConfigError, Obj};
 use std::collections::BTreeMap;
 
 /// Default request-body cap (bytes); Envoy's own default buffer limit is 1 MiB.
@@ -10,31 +9,50 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_RATE_LIMIT_STATUS_TO: u32 = 503;
 /// Internal response header carrying the provider's original status to the downstream role.
 pub const ORIGINAL_STATUS_HEADER: &str = "x-sluice-original-status";
+/// The attempt number Envoy's router sends (with `include_request_attempt_count: true`).
+pub const ATTEMPT_COUNT_HEADER: &str = "x-envoy-attempt-count";
+/// Request headers only Envoy or sluice may set: the downstream role removes a client's copy.
+pub const INTERNAL_REQUEST_HEADERS: &[&str] = &[ATTEMPT_COUNT_HEADER, ORIGINAL_STATUS_HEADER];
+
+/// Client credential headers removed before an attempt goes to a provider that takes the
+/// gateway's key (the client's credential is for the gateway, never for a provider):
+/// OpenAI/most (`authorization`), Azure OpenAI (`api-key`), Anthropic (`x-api-key`), Google
+/// (`x-goog-api-key`), AWS session tokens (`x-amz-security-token`), proxies
+/// (`proxy-authorization`) and browser sessions (`cookie`).
+pub const DEFAULT_CLIENT_CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "x-amz-security-token",
+];
 
 /// Which half of the filter this instance is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Role {
     /// Cluster upstream filter: runs once per attempt.
     #[default]
     Upstream,
-    /// Connection-manager filter: restores the provider's original status for the client.
+    /// Connection-manager filter: removes client copies of internal headers, restores the
+    /// provider's original status for the client.
     Downstream,
 }
 
-/// How the client's own `authorization` is handled for an endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
+/// How the client's own credential is handled for an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AuthMode {
-    /// Remove the client's credential; send the provider key from `credential_env` if set.
+    /// Remove the client's credentials; send the provider key from `credential_env` if set.
     #[default]
     Provider,
-    /// Forward the client's `authorization` unchanged (a provider that takes the caller's key).
+    /// Forward the client's credential in the profile's `credential_header` (default
+    /// `authorization`) unchanged; every other client credential header is still removed.
     Passthrough,
 }
 
 impl AuthMode {
-    /// Parse a metadata value.
+    /// Parse a config or metadata value.
     pub fn parse(s: &str) -> Option<Self> {
         match s.trim() {
             "provider" => Some(Self::Provider),
@@ -44,54 +62,8 @@ impl AuthMode {
     }
 }
 
-/// A named provider profile as written in the plugin configuration. Endpoint (or cluster)
-/// metadata with the same key overrides each field.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawProvider {
-    /// Replacement request path (query included if it has one).
-    #[serde(default)]
-    pub path: Option<String>,
-    /// Replacement `:authority` (and `host`).
-    #[serde(default)]
-    pub authority: Option<String>,
-    /// Environment variable holding the provider key (listed in `host_env_keys`).
-    #[serde(default)]
-    pub credential_env: Option<String>,
-    /// Header that carries the key (`authorization`, `api-key`, `x-api-key`).
-    #[serde(default)]
-    pub credential_header: Option<String>,
-    /// Prefix before the key (`"Bearer "` for `authorization`, empty otherwise).
-    #[serde(default)]
-    pub credential_prefix: Option<String>,
-    /// `provider` (default) or `passthrough`.
-    #[serde(default)]
-    pub auth: Option<AuthMode>,
-}
-
-/// The JSON configuration as written.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawConfig {
-    /// `upstream` (default) or `downstream`.
-    #[serde(default)]
-    pub role: Role,
-    /// Models for attempts 2, 3, ... (seed 004). Omit to disable; an empty list is an error.
-    #[serde(default)]
-    pub backup_models: Option<Vec<String>>,
-    /// Request-body cap in bytes; larger bodies get 413.
-    #[serde(default)]
-    pub max_body_bytes: Option<usize>,
-    /// Status shown to the router instead of 429 (so outlier detection ejects the host).
-    /// `429` disables the mapping.
-    #[serde(default)]
-    pub rate_limit_status_to: Option<u32>,
-    /// Provider profiles by name (endpoint metadata `provider` selects one).
-    #[serde(default)]
-    pub providers: BTreeMap<String, RawProvider>,
-}
-
-/// A checked provider profile.
+/// A named provider profile. Endpoint (or cluster) metadata with the same key overrides each
+/// field except `client_credential_headers`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProviderProfile {
     /// Replacement request path.
@@ -106,6 +78,8 @@ pub struct ProviderProfile {
     pub credential_prefix: Option<String>,
     /// Client-credential handling.
     pub auth: Option<AuthMode>,
+    /// Client credential headers to remove (replaces the top-level list for this profile).
+    pub client_credential_headers: Option<Vec<String>>,
 }
 
 /// The checked configuration.
@@ -121,6 +95,9 @@ pub struct Config {
     pub rate_limit_status_to: u32,
     /// Provider profiles by name.
     pub providers: BTreeMap<String, ProviderProfile>,
+    /// Client credential headers removed before every attempt (see
+    /// [`DEFAULT_CLIENT_CREDENTIAL_HEADERS`]).
+    pub client_credential_headers: Vec<String>,
 }
 
 impl Default for Config {
@@ -131,6 +108,7 @@ impl Default for Config {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             rate_limit_status_to: DEFAULT_RATE_LIMIT_STATUS_TO,
             providers: BTreeMap::new(),
+            client_credential_headers: DEFAULT_CLIENT_CREDENTIAL_HEADERS.iter().map(|s| s.to_string()).collect(),
         }
     }
 }
@@ -162,86 +140,128 @@ pub fn validate_header_value(v: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_provider(raw: RawProvider) -> Result<ProviderProfile, ConfigError> {
-    if let Some(p) = &raw.path {
-        validate_path(p).map_err(|e| ConfigError::new("path", e))?;
+/// Check a header the filter sets or removes: a lowercase name, not a pseudo-header.
+pub fn validate_credential_header(h: &str) -> Result<(), String> {
+    validate_header_name(h)?;
+    if h.starts_with(':') {
+        return Err("pseudo-headers are not allowed".into());
     }
-    if let Some(a) = &raw.authority {
-        validate_authority(a).map_err(|e| ConfigError::new("authority", e))?;
+    Ok(())
+}
+
+fn header_list(o: &Obj<'_>, key: &str) -> Result<Option<Vec<String>>, ConfigError> {
+    let Some(list) = o.strings(key)? else { return Ok(None) };
+    for (i, h) in list.iter().enumerate() {
+        validate_credential_header(h).map_err(|why| ConfigError::new(format!("{}[{i}]", o.field_path(key)), why))?;
     }
-    if let Some(e) = &raw.credential_env {
-        validate_env_var_name(e).map_err(|why| ConfigError::new("credential_env", why))?;
+    Ok(Some(list))
+}
+
+fn provider(o: Obj<'_>) -> Result<ProviderProfile, ConfigError> {
+    o.known(&[
+        "path",
+        "authority",
+        "credential_env",
+        "credential_header",
+        "credential_prefix",
+        "auth",
+        "client_credential_headers",
+    ])?;
+    let path = o.string("path")?;
+    if let Some(p) = &path {
+        validate_path(p).map_err(|e| o.err("path", e))?;
     }
-    if let Some(h) = &raw.credential_header {
-        validate_header_name(h).map_err(|e| ConfigError::new("credential_header", e))?;
-        if h.starts_with(':') {
-            return Err(ConfigError::new("credential_header", "pseudo-headers are not allowed"));
-        }
+    let authority = o.string("authority")?;
+    if let Some(a) = &authority {
+        validate_authority(a).map_err(|e| o.err("authority", e))?;
     }
-    if let Some(p) = &raw.credential_prefix {
-        validate_header_value(p).map_err(|e| ConfigError::new("credential_prefix", e))?;
+    let credential_env = o.string("credential_env")?;
+    if let Some(e) = &credential_env {
+        validate_env_var_name(e).map_err(|why| o.err("credential_env", why))?;
     }
+    let credential_header = o.string("credential_header")?;
+    if let Some(h) = &credential_header {
+        validate_credential_header(h).map_err(|e| o.err("credential_header", e))?;
+    }
+    let credential_prefix = o.string("credential_prefix")?;
+    if let Some(p) = &credential_prefix {
+        validate_header_value(p).map_err(|e| o.err("credential_prefix", e))?;
+    }
+    let auth = match o.choice("auth", &["provider", "passthrough"])? {
+        Some(s) => AuthMode::parse(&s),
+        None => None,
+    };
     Ok(ProviderProfile {
-        path: raw.path,
-        authority: raw.authority,
-        credential_env: raw.credential_env,
-        credential_header: raw.credential_header,
-        credential_prefix: raw.credential_prefix,
-        auth: raw.auth,
+        path,
+        authority,
+        credential_env,
+        credential_header,
+        credential_prefix,
+        auth,
+        client_credential_headers: header_list(&o, "client_credential_headers")?,
     })
 }
 
-impl TryFrom<RawConfig> for Config {
-    type Error = ConfigError;
-
-    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
-        let backup_models = match raw.backup_models {
+impl Config {
+    /// Read and check the configuration object.
+    pub fn load(o: Obj<'_>) -> Result<Self, ConfigError> {
+        o.known(&[
+            "role",
+            "backup_models",
+            "max_body_bytes",
+            "rate_limit_status_to",
+            "providers",
+            "client_credential_headers",
+        ])?;
+        let role = match o.choice("role", &["upstream", "downstream"])?.as_deref() {
+            Some("downstream") => Role::Downstream,
+            _ => Role::Upstream,
+        };
+        let backup_models = match o.strings("backup_models")? {
             None => Vec::new(),
             Some(list) if list.is_empty() => {
-                return Err(ConfigError::new(
-                    "backup_models",
-                    "must list at least one model (omit the field to disable backup models)",
-                ))
+                return Err(
+                    o.err("backup_models", "must list at least one model (omit the field to disable backup models)")
+                )
             }
             Some(list) => {
-                for (i, m) in list.iter().enumerate() {
-                    if m.trim().is_empty() {
-                        return Err(ConfigError::new(format!("backup_models[{i}]"), "empty model name"));
-                    }
+                if let Some(i) = list.iter().position(|m| m.trim().is_empty()) {
+                    return Err(ConfigError::new(format!("backup_models[{i}]"), "empty model name"));
                 }
                 list
             }
         };
-        if raw.role == Role::Downstream && !backup_models.is_empty() {
-            return Err(ConfigError::new(
-                "backup_models",
-                "only the upstream role (cluster http_filters) uses backup models",
-            ));
+        if role == Role::Downstream && !backup_models.is_empty() {
+            return Err(o.err("backup_models", "only the upstream role (cluster http_filters) uses backup models"));
         }
-        let max_body_bytes = raw.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
-        if max_body_bytes == 0 {
-            return Err(ConfigError::new("max_body_bytes", "must be greater than 0"));
-        }
-        let rate_limit_status_to = raw.rate_limit_status_to.unwrap_or(DEFAULT_RATE_LIMIT_STATUS_TO);
-        if !(100..=599).contains(&rate_limit_status_to) {
-            return Err(ConfigError::new("rate_limit_status_to", "must be an HTTP status (100-599)"));
-        }
+        let max_body_bytes = match o.count("max_body_bytes")? {
+            None => DEFAULT_MAX_BODY_BYTES,
+            Some(0) => return Err(o.err("max_body_bytes", "must be greater than 0")),
+            Some(n) => n,
+        };
+        let rate_limit_status_to = match o.u64("rate_limit_status_to")? {
+            None => DEFAULT_RATE_LIMIT_STATUS_TO,
+            Some(n) => u32::try_from(n)
+                .ok()
+                .filter(|n| (100..=599).contains(n))
+                .ok_or_else(|| o.err("rate_limit_status_to", "must be an HTTP status (100-599)"))?,
+        };
         let mut providers = BTreeMap::new();
-        for (name, p) in raw.providers {
+        for (name, p) in o.named("providers", |_, p| provider(p))?.unwrap_or_default() {
             if name.is_empty() {
-                return Err(ConfigError::new("providers", "empty provider name"));
+                return Err(o.err("providers", "empty provider name"));
             }
-            let checked = check_provider(p).map_err(|e| e.within(&format!("providers.{name}")))?;
-            providers.insert(name, checked);
+            providers.insert(name, p);
         }
-        Ok(Self { role: raw.role, backup_models, max_body_bytes, rate_limit_status_to, providers })
+        let client_credential_headers = header_list(&o, "client_credential_headers")?
+            .unwrap_or_else(|| DEFAULT_CLIENT_CREDENTIAL_HEADERS.iter().map(|s| s.to_string()).collect());
+        Ok(Self { role, backup_models, max_body_bytes, rate_limit_status_to, providers, client_credential_headers })
     }
 }
 
-/// Parse and check the plugin configuration bytes.
+/// Parse and check a whole configuration document (empty means `{}`): tests, config-check.
 pub fn load(bytes: &[u8]) -> Result<Config, ConfigError> {
-    let raw: RawConfig = parse_json_config(bytes)?;
-    Config::try_from(raw)
+    sluice_core::config::read(bytes, Config::load)
 }
 
 #[cfg(test)]
@@ -251,47 +271,58 @@ mod tests {
 
     #[test]
     fn empty_config_is_upstream_defaults() {
-        let c = load(b"").unwrap();
-        assert_eq!(c, Config::default());
+        assert_eq!(load(b"").unwrap(), Config::default());
         assert_eq!(load(b"{}").unwrap(), Config::default());
+        assert!(Config::default().client_credential_headers.iter().any(|h| h == "x-api-key"));
     }
 
     #[test]
     fn full_config() {
         let c = load(
             br#"{"role":"upstream","backup_models":["gpt-4.0-turbo","gpt-3.5-turbo"],"max_body_bytes":1000,
-                "rate_limit_status_to":503,
+                "rate_limit_status_to":503,"client_credential_headers":["authorization","x-custom-key"],
                 "providers":{"openai":{"credential_env":"OPENAI_API_KEY","authority":"api.openai.com","path":"/v1/chat/completions"},
                              "azure":{"credential_env":"AZURE_KEY","credential_header":"api-key","credential_prefix":""},
-                             "local":{"auth":"passthrough"}}}"#,
+                             "local":{"auth":"passthrough","client_credential_headers":["cookie"]}}}"#,
         )
         .unwrap();
         assert_eq!(c.backup_models, vec!["gpt-4.0-turbo", "gpt-3.5-turbo"]);
         assert_eq!(c.max_body_bytes, 1000);
+        assert_eq!(c.client_credential_headers, ["authorization", "x-custom-key"]);
         assert_eq!(c.providers["azure"].credential_header.as_deref(), Some("api-key"));
         assert_eq!(c.providers["local"].auth, Some(AuthMode::Passthrough));
+        assert_eq!(c.providers["local"].client_credential_headers.as_deref(), Some(&["cookie".to_string()][..]));
         assert_eq!(load(br#"{"role":"downstream"}"#).unwrap().role, Role::Downstream);
     }
 
     #[test]
     fn errors_name_the_field() {
         let cases: &[(&str, &str)] = &[
-            (r#"{"backup_model":["a"]}"#, "unknown field `backup_model`"),
-            (r#"{"backup_models":[]}"#, "backup_models"),
+            (r#"{"backup_model":["a"]}"#, "backup_model: unknown field `backup_model`"),
+            (r#"{"backup_models":[]}"#, "backup_models: must list at least one model"),
             (r#"{"backup_models":["a",""]}"#, "backup_models[1]"),
-            (r#"{"providers":{"openai":{"credential_env":"OPENAI-KEY"}}}"#, "providers.openai.credential_env"),
+            (
+                r#"{"providers":{"openai":{"credential_env":"OPENAI-KEY"}}}"#,
+                "providers.openai.credential_env: invalid environment variable name",
+            ),
             (r#"{"providers":{"openai":{"credential_env":"1KEY"}}}"#, "providers.openai.credential_env"),
             (r#"{"providers":{"openai":{"credential_header":"Api Key"}}}"#, "providers.openai.credential_header"),
+            (r#"{"providers":{"openai":{"credential_header":":path"}}}"#, "providers.openai.credential_header"),
             (r#"{"providers":{"openai":{"path":"v1/chat"}}}"#, "providers.openai.path"),
             (r#"{"providers":{"openai":{"authority":"a/b"}}}"#, "providers.openai.authority"),
             (r#"{"providers":{"openai":{"credential_prefix":"Bearer \n"}}}"#, "providers.openai.credential_prefix"),
-            (r#"{"providers":{"openai":{"key":"x"}}}"#, "unknown field `key`"),
+            (r#"{"providers":{"openai":{"key":"x"}}}"#, "providers.openai.key: unknown field `key`"),
             (r#"{"providers":{"openai":{"auth":"maybe"}}}"#, "providers.openai.auth"),
+            (
+                r#"{"providers":{"o":{"client_credential_headers":["X-Key"]}}}"#,
+                "providers.o.client_credential_headers[0]",
+            ),
+            (r#"{"client_credential_headers":"authorization"}"#, "client_credential_headers: expected a list"),
             (r#"{"role":"sideways"}"#, "role"),
             (r#"{"max_body_bytes":0}"#, "max_body_bytes"),
             (r#"{"rate_limit_status_to":42}"#, "rate_limit_status_to"),
             (r#"{"role":"downstream","backup_models":["a"]}"#, "backup_models"),
-            (r#"5"#, "invalid type"),
+            (r#"5"#, "expected an object"),
         ];
         for (json, want) in cases {
             let e = load(json.as_bytes()).unwrap_err();

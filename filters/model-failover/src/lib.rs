@@ -4,23 +4,32 @@
 //!
 //! The same .wasm runs twice: as an upstream HTTP filter on the cluster (role `upstream`,
 //! once per attempt) and as a downstream HTTP filter in the connection manager (role
-//! `downstream`), which gives the client the provider's original 429 once retries are spent.
+//! `downstream`), which removes client copies of internal headers and gives the client the
+//! provider's original 429 once retries are spent.
+//!
+//! - [`config`]: the plugin configuration; [`stage`]: the plugin (both roles), metric names;
+//! - [`upstream`], [`downstream`]: the two roles' stages; [`retry_after`]: provider waits.
 
 pub mod config;
 pub mod downstream;
 pub mod retry_after;
+pub mod stage;
 pub mod upstream;
 
-#[cfg(target_arch = "wasm32")]
-mod filter;
+use sluice_core::config::{ConfigError, Obj};
+use sluice_core::stage::Plugin;
 
 /// Filter name used in logs, metrics and error replies.
-pub const FILTER: &str = "model-failover";
+pub const NAME: &str = "model-failover";
 
-/// Crate version, logged once at VM start.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Build the plugin (either role) from its configuration object.
+pub fn load(o: Obj<'_>, _env: &dyn Fn(&str) -> Option<String>) -> Result<Box<dyn Plugin>, ConfigError> {
+    Ok(Box::new(stage::FailoverPlugin::new(config::Config::load(o)?)))
+}
 
-#[cfg(target_arch = "wasm32")]
-proxy_wasm::main! {{
-    filter::start();
-}}
+/// This filter alone: the whole document is its configuration.
+pub fn assemble(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<Box<dyn Plugin>>, ConfigError> {
+    sluice_core::stage::single(bytes, env, load)
+}
+
+sluice_core::filter_main!(NAME, assemble);

@@ -1,16 +1,12 @@
-//! Configuration: read strictly, then compiled and checked into [`Config`].
-//! Every template is parsed here, so a request never meets a malformed one.
-//!
-//! The JSON is read with a small strict reader over `serde_json::Value` rather than serde
-//! derive + `parse_json_config`: the derive machinery (serde_path_to_error, typed visitors,
-//! float formatting for error messages) cost about 90 KiB of wasm, a third of the budget.
-//! The behaviour is the same: unknown fields and wrong types are rejected, and every error
-//! names the field by its dotted path.
+//! Configuration, read with the one core reader (`sluice_core::config::Obj`) and compiled
+//! into [`Config`]: every template is parsed here, so a request never meets a malformed one,
+//! and every error names the field by its dotted path
+//! (`profiles.csv.prepend[0].content: unclosed {{ at byte 6 (no matching }})`).
 
-use crate::template::ValueTemplate;
-use serde_json::{Map, Number, Value};
-use sluice_core::config::{json_kind, ConfigError, FailureMode};
-use sluice_core::wire::{ChatRequest, WireError};
+use crate::shape::{self, OUTPUT_FIELDS};
+use crate::template::{ValueTemplate, Variable};
+use serde_json::{Number, Value};
+use sluice_core::config::{ConfigError, FailureMode, Obj};
 
 /// Default cap on the buffered request body.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -27,21 +23,42 @@ pub enum OnMissing {
     Refuse,
 }
 
+/// A gateway-managed message: its role (never templated) and the message as a template.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PromptMessage {
+    /// `system`, `developer`, `user`, ...
+    pub role: String,
+    /// The whole message object.
+    pub value: ValueTemplate,
+}
+
+impl PromptMessage {
+    /// A system prompt: goes to the format's own place (`instructions`, `system`) on the
+    /// APIs that have one.
+    pub fn is_system(&self) -> bool {
+        self.role == "system" || self.role == "developer"
+    }
+}
+
 /// A compiled profile.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Profile {
     /// Its name.
     pub name: String,
-    /// Messages (as JSON templates) put first.
-    pub prepend: Vec<ValueTemplate>,
+    /// Messages put first.
+    pub prepend: Vec<PromptMessage>,
     /// Messages put last.
-    pub append: Vec<ValueTemplate>,
+    pub append: Vec<PromptMessage>,
     /// Fields set when absent or `null`.
     pub defaults: Vec<(String, ValueTemplate)>,
     /// Fields always set.
     pub overrides: Vec<(String, ValueTemplate)>,
-    /// Numeric upper bounds.
+    /// Numeric upper bounds of fields other than the output caps.
     pub caps: Vec<(String, Number)>,
+    /// The cap on output tokens (the smallest of the configured `max_tokens`,
+    /// `max_completion_tokens`, `max_output_tokens` caps), applied to every output-cap field
+    /// of the request's format.
+    pub output_cap: Option<u64>,
     /// Missing-variable policy.
     pub on_missing: OnMissing,
 }
@@ -68,163 +85,82 @@ pub struct Config {
     pub failure_mode: FailureMode,
 }
 
-const CONFIG_FIELDS: &[&str] =
-    &["profiles", "default_profile", "profile_metadata_key", "max_body_bytes", "failure_mode", "on_missing_variable"];
-const PROFILE_FIELDS: &[&str] = &["prepend", "append", "defaults", "overrides", "caps", "on_missing_variable"];
+const CONFIG_FIELDS: &[&str] = &[
+    "profiles",
+    "default_profile",
+    "profile_metadata_key",
+    "max_body_bytes",
+    "failure_mode",
+    "on_missing_variable",
+    "allow_header_variables",
+];
+const PROFILE_FIELDS: &[&str] =
+    &["prepend", "append", "defaults", "overrides", "caps", "on_missing_variable", "allow_header_variables"];
+
+/// Settings a profile inherits from the top level.
+#[derive(Clone, Copy)]
+struct Inherited {
+    on_missing: OnMissing,
+    allow_headers: bool,
+}
 
 impl Config {
-    /// Parse and compile JSON configuration bytes (empty means `{}`).
-    pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
-        let value: Value = if bytes.iter().all(u8::is_ascii_whitespace) {
-            Value::Object(Map::new())
-        } else {
-            serde_json::from_slice(bytes).map_err(|e| ConfigError::new(".", strip_position(&e.to_string())))?
+    /// Read and compile the configuration object.
+    pub fn load(o: Obj<'_>) -> Result<Self, ConfigError> {
+        o.known(CONFIG_FIELDS)?;
+        let inherited = Inherited {
+            on_missing: on_missing(&o)?.unwrap_or_default(),
+            allow_headers: o.flag("allow_header_variables", false)?,
         };
-        Self::from_value(value)
-    }
-
-    /// Compile a parsed JSON configuration.
-    pub fn from_value(value: Value) -> Result<Self, ConfigError> {
-        let mut top = Fields::new(value, CONFIG_FIELDS)?;
-        let on_missing = top.on_missing("on_missing_variable")?.unwrap_or_default();
-        let raw_profiles = top.object("profiles")?.unwrap_or_default();
-        if raw_profiles.is_empty() {
-            return Err(ConfigError::new("profiles", "at least one profile is required"));
+        let profiles = o
+            .named("profiles", |name, p| {
+                check_profile_name(name).map_err(|why| p.err(".", why))?;
+                compile_profile(name, p, inherited)
+            })?
+            .unwrap_or_default();
+        if profiles.is_empty() {
+            return Err(o.err("profiles", "at least one profile is required"));
         }
-        let mut profiles = Vec::with_capacity(raw_profiles.len());
-        for (name, value) in raw_profiles {
-            let field = format!("profiles.{name}");
-            check_profile_name(&name).map_err(|why| ConfigError::new(&field, why))?;
-            let p = compile_profile(&name, value, on_missing).map_err(|e| e.within(&field))?;
-            profiles.push(p);
-        }
-        let default_profile = top.string("default_profile")?;
+        let profiles: Vec<Profile> = profiles.into_iter().map(|(_, p)| p).collect();
+        let default_profile = o.string("default_profile")?;
         if let Some(d) = &default_profile {
             if !profiles.iter().any(|p| p.name == *d) {
-                return Err(ConfigError::new("default_profile", format!("no profile named {d:?}")));
+                return Err(o.err("default_profile", format!("no profile named {d:?}")));
             }
         }
-        let key = top.string("profile_metadata_key")?.unwrap_or_else(|| DEFAULT_PROFILE_METADATA_KEY.to_string());
+        let key = o.string("profile_metadata_key")?.unwrap_or_else(|| DEFAULT_PROFILE_METADATA_KEY.to_string());
         if key.is_empty() || key.chars().any(char::is_whitespace) {
-            return Err(ConfigError::new("profile_metadata_key", "must be a non-empty key without spaces"));
+            return Err(o.err("profile_metadata_key", "must be a non-empty key without spaces"));
         }
-        let max_body_bytes = match top.take("max_body_bytes") {
+        let max_body_bytes = match o.get("max_body_bytes") {
             None => DEFAULT_MAX_BODY_BYTES,
             Some(v) => v
                 .as_u64()
                 .and_then(|n| usize::try_from(n).ok())
                 .filter(|n| *n > 0)
-                .ok_or_else(|| ConfigError::new("max_body_bytes", "must be a positive integer (bytes)"))?,
+                .ok_or_else(|| o.err("max_body_bytes", "must be a positive integer (bytes)"))?,
         };
-        let failure_mode = match top.string("failure_mode")?.as_deref() {
-            None | Some("allow") => FailureMode::Allow,
-            Some("deny") => FailureMode::Deny,
-            Some(other) => {
-                return Err(ConfigError::new(
-                    "failure_mode",
-                    format!("unknown value {other:?}, expected \"allow\" or \"deny\""),
-                ))
-            }
-        };
-        top.finish()?;
+        let failure_mode = o.failure_mode("failure_mode")?.unwrap_or(FailureMode::Allow);
         Ok(Self { profiles, default_profile, profile_metadata_key: key, max_body_bytes, failure_mode })
     }
 
-    /// A profile by name.
-    pub fn profile(&self, name: &str) -> Option<&Profile> {
-        self.profiles.iter().find(|p| p.name == name)
+    /// Parse and compile a whole document (empty means `{}`): tests and config-check.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
+        sluice_core::config::read(bytes, Self::load)
+    }
+
+    /// A profile by name (with its index).
+    pub fn profile(&self, name: &str) -> Option<(usize, &Profile)> {
+        self.profiles.iter().enumerate().find(|(_, p)| p.name == name)
     }
 }
 
-/// Strict reading of one JSON object: take the known fields, then reject what is left.
-/// Field names in errors are relative to the object (callers add the parent with `within`).
-struct Fields {
-    map: Map<String, Value>,
-    known: &'static [&'static str],
-}
-
-impl Fields {
-    fn new(value: Value, known: &'static [&'static str]) -> Result<Self, ConfigError> {
-        match value {
-            Value::Object(map) => Ok(Self { map, known }),
-            other => Err(ConfigError::new(".", format!("expected an object, found {}", json_kind(&other)))),
-        }
-    }
-
-    /// The value of `key`; `null` counts as absent.
-    fn take(&mut self, key: &str) -> Option<Value> {
-        self.map.shift_remove(key).filter(|v| !v.is_null())
-    }
-
-    fn string(&mut self, key: &str) -> Result<Option<String>, ConfigError> {
-        match self.take(key) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(other) => Err(ConfigError::new(key, format!("expected a string, found {}", json_kind(&other)))),
-        }
-    }
-
-    fn object(&mut self, key: &str) -> Result<Option<Map<String, Value>>, ConfigError> {
-        match self.take(key) {
-            None => Ok(None),
-            Some(Value::Object(m)) => Ok(Some(m)),
-            Some(other) => Err(ConfigError::new(key, format!("expected an object, found {}", json_kind(&other)))),
-        }
-    }
-
-    fn array(&mut self, key: &str) -> Result<Vec<Value>, ConfigError> {
-        match self.take(key) {
-            None => Ok(Vec::new()),
-            Some(Value::Array(a)) => Ok(a),
-            Some(other) => Err(ConfigError::new(key, format!("expected an array, found {}", json_kind(&other)))),
-        }
-    }
-
-    fn on_missing(&mut self, key: &str) -> Result<Option<OnMissing>, ConfigError> {
-        match self.string(key)?.as_deref() {
-            None => Ok(None),
-            Some("empty") => Ok(Some(OnMissing::Empty)),
-            Some("refuse") => Ok(Some(OnMissing::Refuse)),
-            Some(other) => {
-                Err(ConfigError::new(key, format!("unknown value {other:?}, expected \"empty\" or \"refuse\"")))
-            }
-        }
-    }
-
-    /// Fail on the first field nobody took.
-    fn finish(self) -> Result<(), ConfigError> {
-        match self.map.keys().next() {
-            None => Ok(()),
-            Some(k) => Err(ConfigError::new(
-                k.as_str(),
-                format!("unknown field `{k}`, expected one of {}", self.known.join(", ")),
-            )),
-        }
-    }
-}
-
-/// serde_json appends " at line 1 column 42"; the field path says more.
-fn strip_position(msg: &str) -> String {
-    match msg.rfind(" at line ") {
-        Some(i) => msg.get(..i).unwrap_or(msg).to_string(),
-        None => msg.to_string(),
-    }
-}
-
-/// A wire shape error `path: why` as a config error at that path, below `prefix`.
-fn shape_error(e: &WireError, prefix: &str) -> ConfigError {
-    let text = match e {
-        WireError::Shape(s) => s.as_str(),
-        _ => "invalid value",
-    };
-    match text.split_once(": ") {
-        Some((path, why)) => {
-            let path = path.strip_prefix(prefix).unwrap_or(path);
-            let path = path.strip_prefix('.').unwrap_or(path);
-            ConfigError::new(if path.is_empty() { "." } else { path }, why)
-        }
-        None => ConfigError::new(".", text),
-    }
+fn on_missing(o: &Obj<'_>) -> Result<Option<OnMissing>, ConfigError> {
+    Ok(match o.choice("on_missing_variable", &["empty", "refuse"])?.as_deref() {
+        Some("refuse") => Some(OnMissing::Refuse),
+        Some(_) => Some(OnMissing::Empty),
+        None => None,
+    })
 }
 
 fn check_profile_name(name: &str) -> Result<(), String> {
@@ -234,103 +170,150 @@ fn check_profile_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn compile_profile(name: &str, value: Value, inherited: OnMissing) -> Result<Profile, ConfigError> {
-    let mut f = Fields::new(value, PROFILE_FIELDS)?;
-    let prepend = compile_messages(f.array("prepend")?).map_err(|e| e.within("prepend"))?;
-    let append = compile_messages(f.array("append")?).map_err(|e| e.within("append"))?;
-    let caps = compile_caps(f.object("caps")?.unwrap_or_default()).map_err(|e| e.within("caps"))?;
-    let defaults =
-        compile_fields(f.object("defaults")?.unwrap_or_default(), &caps).map_err(|e| e.within("defaults"))?;
-    let overrides =
-        compile_fields(f.object("overrides")?.unwrap_or_default(), &caps).map_err(|e| e.within("overrides"))?;
-    let on_missing = f.on_missing("on_missing_variable")?.unwrap_or(inherited);
-    f.finish()?;
-    if prepend.is_empty() && append.is_empty() && defaults.is_empty() && overrides.is_empty() && caps.is_empty() {
-        return Err(ConfigError::new(".", "profile does nothing: set prepend, append, defaults, overrides or caps"));
+/// The variable policy of a profile: client headers only when opted in.
+fn variable_policy(allow_headers: bool) -> impl Fn(&Variable) -> Result<(), String> {
+    move |v: &Variable| match v {
+        Variable::Header(_) if !allow_headers => Err(format!(
+            "template variable {{{{{v}}}}} takes its value from a client request header; set \
+             allow_header_variables: true to use it (the value is client input, scanned by \
+             prompt-guard only when prompt-guard runs after prompt-enrichment)"
+        )),
+        _ => Ok(()),
     }
-    Ok(Profile { name: name.to_string(), prepend, append, defaults, overrides, caps, on_missing })
 }
 
-fn compile_messages(raw: Vec<Value>) -> Result<Vec<ValueTemplate>, ConfigError> {
-    raw.into_iter().enumerate().map(|(i, m)| compile_message(m).map_err(|e| e.within(&format!("[{i}]")))).collect()
-}
-
-fn compile_message(raw: Value) -> Result<ValueTemplate, ConfigError> {
-    let Value::Object(obj) = &raw else {
-        return Err(ConfigError::new(".", "a message is an object with role and content"));
+/// A template compile error below `path` as a config error.
+fn template_error(path: &str, sub: &str, why: String) -> ConfigError {
+    let field = if sub.is_empty() {
+        path.to_string()
+    } else if sub.starts_with('[') {
+        format!("{path}{sub}")
+    } else {
+        format!("{path}.{sub}")
     };
-    match obj.get("role") {
+    ConfigError::new(field, why)
+}
+
+fn compile_profile(name: &str, p: Obj<'_>, inherited: Inherited) -> Result<Profile, ConfigError> {
+    p.known(PROFILE_FIELDS)?;
+    let allow_headers = p.flag("allow_header_variables", inherited.allow_headers)?;
+    let policy = variable_policy(allow_headers);
+    let prepend = p.list("prepend", |v, path| compile_message(v, path, &policy))?.unwrap_or_default();
+    let append = p.list("append", |v, path| compile_message(v, path, &policy))?.unwrap_or_default();
+    let (caps, output_cap) = p.object("caps", compile_caps)?.unwrap_or_default();
+    let defaults = p.object("defaults", |d| compile_fields(d, &caps, output_cap, &policy))?.unwrap_or_default();
+    let overrides = p.object("overrides", |d| compile_fields(d, &caps, output_cap, &policy))?.unwrap_or_default();
+    let on_missing = on_missing(&p)?.unwrap_or(inherited.on_missing);
+    if prepend.is_empty()
+        && append.is_empty()
+        && defaults.is_empty()
+        && overrides.is_empty()
+        && caps.is_empty()
+        && output_cap.is_none()
+    {
+        return Err(p.err(".", "profile does nothing: set prepend, append, defaults, overrides or caps"));
+    }
+    Ok(Profile { name: name.to_string(), prepend, append, defaults, overrides, caps, output_cap, on_missing })
+}
+
+fn compile_message(
+    raw: &Value,
+    path: &str,
+    policy: &dyn Fn(&Variable) -> Result<(), String>,
+) -> Result<PromptMessage, ConfigError> {
+    let Value::Object(obj) = raw else {
+        return Err(ConfigError::new(path, "a message is an object with role and content"));
+    };
+    let field = |k: &str| format!("{path}.{k}");
+    let role = match obj.get("role") {
         Some(Value::String(r)) if !r.trim().is_empty() => {
             if r.contains("{{") {
-                return Err(ConfigError::new("role", "the role cannot use template variables"));
+                return Err(ConfigError::new(field("role"), "the role cannot use template variables"));
             }
+            r.clone()
         }
-        Some(_) => return Err(ConfigError::new("role", "must be a non-empty string such as \"system\"")),
-        None => return Err(ConfigError::new("role", "missing; use e.g. \"system\", \"developer\" or \"user\"")),
-    }
+        Some(_) => return Err(ConfigError::new(field("role"), "must be a non-empty string such as \"system\"")),
+        None => return Err(ConfigError::new(field("role"), "missing; use e.g. \"system\", \"developer\" or \"user\"")),
+    };
     match obj.get("content") {
-        None | Some(Value::Null) => return Err(ConfigError::new("content", "missing; a string or an array of parts")),
+        None | Some(Value::Null) => {
+            return Err(ConfigError::new(field("content"), "missing; a string or an array of parts"))
+        }
         Some(Value::String(_) | Value::Array(_)) => {}
-        Some(_) => return Err(ConfigError::new("content", "must be a string or an array of content parts")),
+        Some(_) => return Err(ConfigError::new(field("content"), "must be a string or an array of content parts")),
     }
     // The same shape rules as client messages (content parts need a "type", ...).
-    let probe = serde_json::to_vec(&serde_json::json!({ "messages": [&raw] })).unwrap_or_default();
-    ChatRequest::parse(&probe).map_err(|e| shape_error(&e, "messages[0]"))?;
-    ValueTemplate::compile(raw).map_err(|(path, why)| ConfigError::new(if path.is_empty() { "." } else { &path }, why))
+    shape::message(raw, "").map_err(|e| shape_error(path, &e))?;
+    let value = ValueTemplate::compile(raw.clone(), policy).map_err(|(sub, why)| template_error(path, &sub, why))?;
+    Ok(PromptMessage { role, value })
 }
 
-fn compile_caps(raw: Map<String, Value>) -> Result<Vec<(String, Number)>, ConfigError> {
-    let mut out = Vec::with_capacity(raw.len());
-    for (field, v) in raw {
-        check_field_name(&field)?;
+/// A shape error `sub: why` (sub relative to `path`) as a config error.
+fn shape_error(path: &str, e: &str) -> ConfigError {
+    match e.split_once(": ") {
+        Some((sub, why)) => template_error(path, sub, why.to_string()),
+        None => ConfigError::new(path, e),
+    }
+}
+
+type Caps = (Vec<(String, Number)>, Option<u64>);
+
+fn compile_caps(o: Obj<'_>) -> Result<Caps, ConfigError> {
+    let mut caps = Vec::with_capacity(o.len());
+    let mut output: Option<u64> = None;
+    for (field, v) in o.entries() {
+        let path = o.field_path(field);
+        check_field_name(&path, field)?;
         let n = match v {
             Value::Number(n) if n.as_f64().is_some_and(|f| f.is_finite() && f >= 0.0) => n,
-            _ => return Err(ConfigError::new(&field, "a cap is a non-negative number")),
+            _ => return Err(ConfigError::new(path, "a cap is a non-negative number")),
         };
         // A cap is written into the request: it must fit the field (max_tokens an integer).
-        let mut probe = Map::new();
-        probe.insert(field.clone(), Value::Number(n.clone()));
-        ChatRequest::parse(&serde_json::to_vec(&probe).unwrap_or_default()).map_err(|e| shape_error(&e, ""))?;
-        out.push((field, n));
+        shape::check_field(field, v).map_err(|why| ConfigError::new(&path, why))?;
+        if OUTPUT_FIELDS.contains(&field.as_str()) {
+            let c = n.as_u64().unwrap_or(0);
+            output = Some(output.map_or(c, |o| o.min(c)));
+        } else {
+            caps.push((field.clone(), n.clone()));
+        }
     }
-    Ok(out)
+    Ok((caps, output))
 }
 
 fn compile_fields(
-    raw: Map<String, Value>,
+    o: Obj<'_>,
     caps: &[(String, Number)],
+    output_cap: Option<u64>,
+    policy: &dyn Fn(&Variable) -> Result<(), String>,
 ) -> Result<Vec<(String, ValueTemplate)>, ConfigError> {
-    let mut out = Vec::with_capacity(raw.len());
-    for (field, v) in raw {
-        check_field_name(&field)?;
+    let mut out = Vec::with_capacity(o.len());
+    for (field, v) in o.entries() {
+        let path = o.field_path(field);
+        check_field_name(&path, field)?;
         // Values of typed request fields must have the right type (max_tokens an integer, ...).
-        let mut probe = Map::new();
-        probe.insert(field.clone(), v.clone());
-        ChatRequest::parse(&serde_json::to_vec(&probe).unwrap_or_default()).map_err(|e| shape_error(&e, ""))?;
-        if let (Some(cap), Some(n)) = (caps.iter().find(|(f, _)| *f == field), v.as_f64()) {
-            if cap.1.as_f64().is_some_and(|c| n > c) {
-                return Err(ConfigError::new(&field, format!("{v} is above caps.{field} ({})", cap.1)));
+        shape::check_field(field, v).map_err(|why| ConfigError::new(&path, why))?;
+        let cap = if OUTPUT_FIELDS.contains(&field.as_str()) {
+            output_cap.map(|c| (c as f64, c.to_string()))
+        } else {
+            caps.iter().find(|(f, _)| f == field).and_then(|(_, c)| Some((c.as_f64()?, c.to_string())))
+        };
+        if let (Some((cap, shown)), Some(n)) = (cap, v.as_f64()) {
+            if n > cap {
+                return Err(ConfigError::new(path, format!("{v} is above the cap on {field} ({shown})")));
             }
         }
-        let t = ValueTemplate::compile(v).map_err(|(path, why)| {
-            let p = if path.is_empty() || path.starts_with('[') {
-                format!("{field}{path}")
-            } else {
-                format!("{field}.{path}")
-            };
-            ConfigError::new(p, why)
-        })?;
-        out.push((field, t));
+        let t = ValueTemplate::compile(v.clone(), policy).map_err(|(sub, why)| template_error(&path, &sub, why))?;
+        out.push((field.clone(), t));
     }
     Ok(out)
 }
 
-fn check_field_name(field: &str) -> Result<(), ConfigError> {
+fn check_field_name(path: &str, field: &str) -> Result<(), ConfigError> {
     if field.is_empty() {
-        return Err(ConfigError::new(".", "empty field name"));
+        return Err(ConfigError::new(path.trim_end_matches('.'), "empty field name"));
     }
     if field == "messages" {
-        return Err(ConfigError::new(field, "messages are changed with prepend and append"));
+        return Err(ConfigError::new(path, "messages are changed with prepend and append"));
     }
     Ok(())
 }
@@ -359,10 +342,10 @@ mod tests {
                         "append": [{"role": "user", "content": [{"type": "text", "text": "Be brief."}]}],
                         "defaults": {"temperature": 0.2, "max_tokens": 256, "user": "{{user}}"},
                         "overrides": {"stream_options": {"include_usage": true}},
-                        "caps": {"max_tokens": 1024},
+                        "caps": {"max_tokens": 1024, "temperature": 1.5},
                         "on_missing_variable": "empty"
                     },
-                    "other": {"caps": {"max_completion_tokens": 10}}
+                    "other": {"caps": {"max_completion_tokens": 10, "max_output_tokens": 20}}
                 }
             })
             .to_string()
@@ -372,14 +355,19 @@ mod tests {
         assert_eq!(c.max_body_bytes, 4096);
         assert_eq!(c.failure_mode, FailureMode::Deny);
         assert_eq!(c.profile_metadata_key, "enrichment_profile");
-        let p = c.profile("csv").unwrap();
+        let (i, p) = c.profile("csv").unwrap();
+        assert_eq!(i, 0);
         assert_eq!(p.on_missing, OnMissing::Empty);
-        assert_eq!(c.profile("other").unwrap().on_missing, OnMissing::Refuse);
+        let (_, other) = c.profile("other").unwrap();
+        assert_eq!(other.on_missing, OnMissing::Refuse);
+        assert_eq!(other.output_cap, Some(10), "the smallest output cap wins");
         assert_eq!(p.prepend.len(), 1);
-        assert!(p.prepend[0].literal().is_none());
-        assert!(p.append[0].literal().is_some());
+        assert!(p.prepend[0].is_system());
+        assert!(p.prepend[0].value.literal().is_none());
+        assert!(p.append[0].value.literal().is_some());
         assert_eq!(p.defaults.len(), 3);
-        assert_eq!(p.caps[0].0, "max_tokens");
+        assert_eq!(p.output_cap, Some(1024));
+        assert_eq!(p.caps[0].0, "temperature");
         assert!(p.has_message_ops());
     }
 
@@ -389,7 +377,25 @@ mod tests {
         assert_eq!(c.max_body_bytes, DEFAULT_MAX_BODY_BYTES);
         assert_eq!(c.failure_mode, FailureMode::Allow);
         assert_eq!(c.default_profile, None);
-        assert_eq!(c.profile("p").unwrap().on_missing, OnMissing::Empty);
+        assert_eq!(c.profile("p").unwrap().1.on_missing, OnMissing::Empty);
+    }
+
+    #[test]
+    fn header_variables_are_opt_in() {
+        let uses = |extra: Value| {
+            let mut p = json!({"prepend": [{"role": "system", "content": "Team {{header.x-team}}"}]});
+            p.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            json!({"profiles": {"t": p}})
+        };
+        let e = err(uses(json!({})));
+        assert_eq!(e.field, "profiles.t.prepend[0].content");
+        assert!(e.reason.contains("client request header") && e.reason.contains("allow_header_variables"), "{e}");
+        assert!(Config::from_json(uses(json!({"allow_header_variables": true})).to_string().as_bytes()).is_ok());
+        let mut top = uses(json!({}));
+        top["allow_header_variables"] = json!(true);
+        assert!(Config::from_json(top.to_string().as_bytes()).is_ok(), "inherited from the top level");
+        let e = err(json!({"profiles": {"t": {"defaults": {"user": "{{header.x-user}}"}}}}));
+        assert_eq!(e.field, "profiles.t.defaults.user");
     }
 
     #[test]
@@ -421,7 +427,7 @@ mod tests {
             ),
             (json!({"profiles": []}), "profiles", "expected an object"),
             (json!({"profiles": {"p": []}}), "profiles.p", "expected an object"),
-            (json!({"profiles": {"p": {"prepend": {}}}}), "profiles.p.prepend", "expected an array"),
+            (json!({"profiles": {"p": {"prepend": {}}}}), "profiles.p.prepend", "expected a list"),
             (json!({"profiles": {"p": {"defaults": []}}}), "profiles.p.defaults", "expected an object"),
             (json!([1]), ".", "expected an object"),
             (
@@ -429,7 +435,11 @@ mod tests {
                 "profile_metadata_key",
                 "non-empty",
             ),
-            (json!({"profiles": {"p": {"caps": {"a": 1}}}, "failure_mode": "maybe"}), "failure_mode", "unknown value"),
+            (
+                json!({"profiles": {"p": {"caps": {"a": 1}}}, "failure_mode": "maybe"}),
+                "failure_mode",
+                "expected \"allow\" or \"deny\"",
+            ),
             (json!({"profiles": {"p": {"caps": {"a": 1}}}, "extra": 1}), "extra", "unknown field"),
             (json!({"profiles": {"p": {"caps": {"a": 1}, "bogus": 1}}}), "profiles.p.bogus", "unknown field"),
             (
@@ -510,12 +520,22 @@ mod tests {
             (
                 json!({"profiles": {"p": {"caps": {"max_tokens": 100}, "defaults": {"max_tokens": 200}}}}),
                 "profiles.p.defaults.max_tokens",
-                "above caps.max_tokens",
+                "above the cap on max_tokens",
+            ),
+            (
+                json!({"profiles": {"p": {"caps": {"max_tokens": 100}, "defaults": {"max_completion_tokens": 200}}}}),
+                "profiles.p.defaults.max_completion_tokens",
+                "above the cap",
             ),
             (
                 json!({"profiles": {"p": {"caps": {"a": 1}, "on_missing_variable": "skip"}}}),
                 "profiles.p.on_missing_variable",
-                "unknown value",
+                "expected one of empty, refuse",
+            ),
+            (
+                json!({"profiles": {"p": {"caps": {"a": 1}, "allow_header_variables": "yes"}}}),
+                "profiles.p.allow_header_variables",
+                "true or false",
             ),
         ];
         for (cfg, field, why) in cases {

@@ -4,7 +4,8 @@
 //! Variables: `user`, `team`, `claim.<name>`, `header.<name>`, `route.<key>`. A quoted string
 //! `{{"{{"}}` (or `{{'...'}}`) renders its content verbatim, which is how a literal `{{` is
 //! written. Templates are parsed once at config load: an unknown variable kind or an unclosed
-//! `{{` is a config error. A lone `}}` is ordinary text.
+//! `{{` is a config error. A lone `}}` is ordinary text. `header.<name>` takes its value from
+//! the client, so the config reader refuses it unless the profile opts in (see `config`).
 
 use serde_json::{Map, Value};
 use std::fmt;
@@ -18,7 +19,7 @@ pub enum Variable {
     Team,
     /// A claim copied by auth (filter state `sluice.claim.<name>`).
     Claim(String),
-    /// A request header (lowercase name). Client-controlled: do not trust it.
+    /// A request header (lowercase name). Client input: only with `allow_header_variables`.
     Header(String),
     /// Route metadata `filter_metadata.sluice.<key>`.
     Route(String),
@@ -178,12 +179,16 @@ pub enum ValueTemplate {
 }
 
 impl ValueTemplate {
-    /// Compile every string in `value` as a template. Errors are prefixed with the path below
-    /// `value` (`[1].text: unclosed {{ ...`), empty for the value itself.
-    pub fn compile(value: Value) -> Result<Self, (String, String)> {
+    /// Compile every string in `value` as a template; `allow` vets each variable (a policy
+    /// such as "no client headers"). Errors are prefixed with the path below `value`
+    /// (`[1].text: unclosed {{ ...`), empty for the value itself.
+    pub fn compile(value: Value, allow: &dyn Fn(&Variable) -> Result<(), String>) -> Result<Self, (String, String)> {
         match value {
             Value::String(s) => {
                 let t = Template::parse(&s).map_err(|why| (String::new(), why))?;
+                for v in t.variables() {
+                    allow(v).map_err(|why| (String::new(), why))?;
+                }
                 Ok(match t.as_literal() {
                     Some(lit) => Self::Literal(Value::String(lit)),
                     None => Self::Text(t),
@@ -192,7 +197,7 @@ impl ValueTemplate {
             Value::Array(items) => {
                 let mut out = Vec::with_capacity(items.len());
                 for (i, item) in items.into_iter().enumerate() {
-                    out.push(Self::compile(item).map_err(|(p, why)| (format!("[{i}]{}", dot(&p)), why))?);
+                    out.push(Self::compile(item, allow).map_err(|(p, why)| (format!("[{i}]{}", dot(&p)), why))?);
                 }
                 if out.iter().all(|t| matches!(t, Self::Literal(_))) {
                     Ok(Self::Literal(Value::Array(out.into_iter().map(Self::into_literal).collect())))
@@ -203,7 +208,7 @@ impl ValueTemplate {
             Value::Object(map) => {
                 let mut out = Vec::with_capacity(map.len());
                 for (k, v) in map {
-                    let t = Self::compile(v).map_err(|(p, why)| (format!("{k}{}", dot(&p)), why))?;
+                    let t = Self::compile(v, allow).map_err(|(p, why)| (format!("{k}{}", dot(&p)), why))?;
                     out.push((k, t));
                 }
                 if out.iter().all(|(_, t)| matches!(t, Self::Literal(_))) {
@@ -282,6 +287,10 @@ mod tests {
         }
     }
 
+    fn any(_: &Variable) -> Result<(), String> {
+        Ok(())
+    }
+
     fn render(src: &str, refuse: bool) -> Result<String, Variable> {
         Template::parse(src).unwrap().render(&mut vars, refuse)
     }
@@ -346,22 +355,30 @@ mod tests {
     #[test]
     fn value_templates() {
         let v = json!({"a": 1, "b": ["x", "{{team}}"], "c": {"d": "{{user}}"}, "e": null});
-        let t = ValueTemplate::compile(v).unwrap();
+        let t = ValueTemplate::compile(v, &any).unwrap();
         assert!(t.literal().is_none());
         assert_eq!(
             t.render(&mut vars, false).unwrap(),
             json!({"a": 1, "b": ["x", "dev"], "c": {"d": "alice"}, "e": null})
         );
-        let lit = ValueTemplate::compile(json!([1, "two", {"three": [3]}])).unwrap();
+        let lit = ValueTemplate::compile(json!([1, "two", {"three": [3]}]), &any).unwrap();
         assert_eq!(lit.literal(), Some(&json!([1, "two", {"three": [3]}])));
-        let e = ValueTemplate::compile(json!({"a": [{"b": "{{oops}}"}]})).unwrap_err();
+        let e = ValueTemplate::compile(json!({"a": [{"b": "{{oops}}"}]}), &any).unwrap_err();
         assert_eq!(e.0, "a[0].b");
         assert!(e.1.contains("{{oops}}"));
-        let e = ValueTemplate::compile(json!("{{x")).unwrap_err();
+        let e = ValueTemplate::compile(json!("{{x"), &any).unwrap_err();
         assert_eq!(e.0, "");
         assert_eq!(
-            ValueTemplate::compile(json!({"k": "{{claim.none}}"})).unwrap().render(&mut vars, true),
+            ValueTemplate::compile(json!({"k": "{{claim.none}}"}), &any).unwrap().render(&mut vars, true),
             Err(Variable::Claim("none".into()))
+        );
+        let no_headers = |v: &Variable| match v {
+            Variable::Header(_) => Err("no headers".to_string()),
+            _ => Ok(()),
+        };
+        assert_eq!(
+            ValueTemplate::compile(json!({"a": ["x", "{{header.x-a}}"]}), &no_headers).unwrap_err(),
+            ("a[1]".to_string(), "no headers".to_string())
         );
     }
 

@@ -1,0 +1,420 @@
+//! The upstream role through the core pipeline on the fake host.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use super::*;
+use crate::config::load;
+use serde_json::json;
+use sluice_core::encoding::test_encode_metadata;
+use sluice_core::host::{CallKind, CountingHost, FakeHost, Phase};
+use sluice_core::pipeline::{Act, Pipeline, Slot};
+use sluice_core::route::RouteCache;
+use sluice_core::stage::Plugin;
+use std::time::UNIX_EPOCH;
+
+fn plugin(cfg: &str) -> Box<dyn Plugin> {
+    crate::assemble(cfg.as_bytes(), &|_| None).unwrap().pop().unwrap()
+}
+
+fn pipeline(p: &dyn Plugin) -> Pipeline {
+    Pipeline::new(1, vec![Slot::of(p)], Rc::new(RefCell::new(RouteCache::default())))
+}
+
+/// An attempt: request headers, the endpoint `meta` (and `cluster` metadata), a body.
+fn host(headers: &[(&str, &str)], meta: Value, cluster: Value) -> FakeHost {
+    let mut h = FakeHost::with_request_headers(headers);
+    h.properties.insert("xds/upstream_host_metadata".into(), test_encode_metadata("sluice", &meta));
+    h.properties.insert("xds/cluster_metadata".into(), test_encode_metadata("sluice", &cluster));
+    h.set_prop(&["xds", "cluster_name"], "llm");
+    h.set_prop(&[keys::FAILOVER_DOWNSTREAM], "1");
+    h.time = Some(UNIX_EPOCH + Duration::from_secs(1000));
+    h
+}
+
+/// Headers, then the whole body at once; returns both acts.
+fn run_on(pl: &mut Pipeline, h: &mut FakeHost, body: &str) -> (Act, Act) {
+    let a = pl.on_request_headers(h, body.is_empty());
+    if body.is_empty() {
+        return (a, a);
+    }
+    h.phase = Phase::RequestBody;
+    h.req_body = body.as_bytes().to_vec();
+    let b = pl.on_request_body(h, body.len(), true);
+    (a, b)
+}
+
+fn run(p: &dyn Plugin, h: &mut FakeHost, body: &str) -> (Act, Act) {
+    run_on(&mut pipeline(p), h, body)
+}
+
+fn body_json(h: &FakeHost) -> Value {
+    serde_json::from_slice(&h.req_body).unwrap()
+}
+
+#[test]
+fn endpoint_model_replaces_the_body_model_in_every_format() {
+    let p = plugin("{}");
+    for path in ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings", "/v1/messages"] {
+        let body = r#"{"messages":[{"role":"user","content":"hi"}],"model":"client","temperature":0.5}"#;
+        let cl = body.len().to_string();
+        let mut h = host(
+            &[(":path", path), ("content-length", &cl), ("x-envoy-attempt-count", "1")],
+            json!({"model": "qwen-1.8b", "provider": "ollama"}),
+            json!({}),
+        );
+        assert_eq!(run(p.as_ref(), &mut h, body), (Act::Pause, Act::Continue), "{path}");
+        let v = body_json(&h);
+        assert_eq!(v["model"], "qwen-1.8b", "{path}");
+        assert_eq!(v["temperature"], 0.5);
+        assert_eq!(h.req_header("content-length"), Some(h.req_body.len().to_string()), "the new length (headers held)");
+        assert!(String::from_utf8(h.req_body.clone()).unwrap().starts_with(r#"{"messages""#), "key order kept");
+        assert_eq!(h.state(keys::UPSTREAM_MODEL).as_deref(), Some("qwen-1.8b"));
+        assert_eq!(h.state(keys::PROVIDER).as_deref(), Some("ollama"));
+        assert_eq!(h.state(keys::REQUESTED_MODEL), None, "the upstream role never publishes sluice.model");
+        assert!(h.refused.is_empty(), "{:?}", h.refused);
+    }
+}
+
+#[test]
+fn request_trailers_end_the_body_and_the_model_is_rewritten() {
+    let p = plugin("{}");
+    let mut pl = pipeline(p.as_ref());
+    let mut h = host(&[], json!({"model": "m"}), json!({}));
+    assert_eq!(pl.on_request_headers(&mut h, false), Act::Pause);
+    h.phase = Phase::RequestBody;
+    h.req_body = br#"{"model":"x"}"#.to_vec();
+    assert_eq!(pl.on_request_body(&mut h, 13, false), Act::Pause);
+    assert_eq!(pl.on_request_trailers(&mut h), Act::Continue);
+    assert_eq!(body_json(&h)["model"], "m");
+}
+
+#[test]
+fn no_model_in_request_gets_one_and_cluster_metadata_is_the_fallback() {
+    let p = plugin("{}");
+    let mut h = host(&[], json!({}), json!({"model": "from-cluster"}));
+    run(p.as_ref(), &mut h, r#"{"messages":[]}"#);
+    assert_eq!(body_json(&h)["model"], "from-cluster");
+}
+
+#[test]
+fn without_metadata_the_body_and_its_length_are_untouched() {
+    let p = plugin("{}");
+    let body = r#"{"model":"gpt-4o","messages":[]}"#;
+    let mut h = host(&[("content-length", "33")], json!({}), json!({}));
+    run(p.as_ref(), &mut h, body);
+    assert_eq!(h.req_body, body.as_bytes());
+    assert_eq!(h.req_header("content-length").as_deref(), Some("33"));
+    assert_eq!(h.state(keys::UPSTREAM_MODEL).as_deref(), Some("gpt-4o"));
+    assert_eq!(h.state(keys::PROVIDER).as_deref(), Some("llm"), "the cluster name");
+}
+
+#[test]
+fn backup_models_by_attempt() {
+    let p = plugin(r#"{"backup_models":["gpt-4.0-turbo","gpt-3.5-turbo"]}"#);
+    let want = ["gpt-4o", "gpt-4.0-turbo", "gpt-3.5-turbo", "gpt-3.5-turbo"];
+    for (i, w) in want.iter().enumerate() {
+        let attempt = (i + 1).to_string();
+        for path in ["/v1/chat/completions", "/v1/responses", "/v1/messages"] {
+            let mut h = host(&[(":path", path), ("x-envoy-attempt-count", &attempt)], json!({}), json!({}));
+            run(p.as_ref(), &mut h, r#"{"model":"gpt-4o","input":"x"}"#);
+            assert_eq!(body_json(&h)["model"], *w, "attempt {attempt} {path}");
+        }
+    }
+    let cfg = load(br#"{"backup_models":["a","b"]}"#).unwrap();
+    assert_eq!(model_for_attempt(&cfg, 1, Some("m".into())).as_deref(), Some("m"));
+    assert_eq!(model_for_attempt(&cfg, u32::MAX, None).as_deref(), Some("b"));
+    assert_eq!(model_for_attempt(&Config::default(), 3, None), None);
+}
+
+#[test]
+fn backup_models_without_the_downstream_role_are_refused() {
+    let p = plugin(r#"{"backup_models":["b"]}"#);
+    let mut h = host(&[("x-envoy-attempt-count", "2")], json!({}), json!({}));
+    h.properties.remove(keys::FAILOVER_DOWNSTREAM);
+    let (a, _) = run(p.as_ref(), &mut h, r#"{"model":"m"}"#);
+    assert_eq!(a, Act::Pause);
+    assert_eq!(h.replies.len(), 1);
+    assert_eq!(h.replies[0].status, 500);
+    let v: Value = serde_json::from_slice(&h.replies[0].body).unwrap();
+    assert_eq!(v["error"]["code"], "gateway_misconfigured");
+    assert!(v["error"]["message"].as_str().unwrap().contains("backup_models"));
+    assert_eq!(h.metric(metric::MISCONFIGURED), Some(1));
+    // Without backup models the attempt count does not matter and nothing is required.
+    let p = plugin("{}");
+    let mut h = host(&[], json!({"model": "m"}), json!({}));
+    h.properties.remove(keys::FAILOVER_DOWNSTREAM);
+    run(p.as_ref(), &mut h, r#"{"model":"x"}"#);
+    assert!(h.replies.is_empty());
+}
+
+#[test]
+fn attempt_header_garbage_means_first() {
+    for v in ["", "zero", "0", "-1", "99999999999999"] {
+        assert_eq!(attempt_number(Some(v)), 1, "{v}");
+    }
+    assert_eq!(attempt_number(None), 1);
+    assert_eq!(attempt_number(Some(" 3 ")), 3);
+}
+
+const CLIENT_CREDENTIALS: &[(&str, &str)] = &[
+    ("authorization", "Bearer client-jwt"),
+    ("proxy-authorization", "Basic cHJveHk="),
+    ("cookie", "session=abc"),
+    ("x-api-key", "client-anthropic"),
+    ("api-key", "client-azure"),
+    ("x-goog-api-key", "client-google"),
+    ("x-amz-security-token", "client-aws"),
+    ("x-other", "kept"),
+];
+
+fn credentials_run(cfg: &str, meta: Value) -> FakeHost {
+    let p = plugin(cfg);
+    let mut h = host(CLIENT_CREDENTIALS, meta, json!({}));
+    h.env.insert("KEY".into(), "sk-gw".into());
+    run(p.as_ref(), &mut h, "{}");
+    h
+}
+
+fn client_credentials_left(h: &FakeHost) -> Vec<String> {
+    CLIENT_CREDENTIALS
+        .iter()
+        .filter(|(k, v)| h.req_header(k).as_deref() == Some(*v))
+        .map(|(k, _)| k.to_string())
+        .collect()
+}
+
+#[test]
+fn every_client_credential_is_removed_per_provider_profile() {
+    let cfg = r#"{"providers":{
+        "openai":{"credential_env":"KEY"},
+        "azure":{"credential_env":"KEY","credential_header":"api-key","credential_prefix":""},
+        "anthropic":{"credential_env":"KEY","credential_header":"x-api-key"},
+        "local":{"auth":"passthrough"},
+        "local-anthropic":{"auth":"passthrough","credential_header":"x-api-key"}}}"#;
+    let h = credentials_run(cfg, json!({"provider": "openai"}));
+    assert_eq!(h.req_header("authorization").as_deref(), Some("Bearer sk-gw"));
+    assert_eq!(client_credentials_left(&h), ["x-other"]);
+    let h = credentials_run(cfg, json!({"provider": "azure"}));
+    assert_eq!(h.req_header("api-key").as_deref(), Some("sk-gw"));
+    assert_eq!(h.req_header("authorization"), None);
+    assert_eq!(client_credentials_left(&h), ["x-other"]);
+    let h = credentials_run(cfg, json!({"provider": "anthropic"}));
+    assert_eq!(h.req_header("x-api-key").as_deref(), Some("sk-gw"));
+    assert_eq!(client_credentials_left(&h), ["x-other"]);
+    let h = credentials_run(cfg, json!({"provider": "local"}));
+    assert_eq!(client_credentials_left(&h), ["authorization", "x-other"], "passthrough keeps only its own header");
+    let h = credentials_run(cfg, json!({"provider": "local-anthropic"}));
+    assert_eq!(client_credentials_left(&h), ["x-api-key", "x-other"]);
+    // No profile at all: nothing of the client's goes to a provider either.
+    let h = credentials_run("{}", json!({}));
+    assert_eq!(client_credentials_left(&h), ["x-other"]);
+    // Endpoint metadata can switch a profile to passthrough.
+    let h = credentials_run(cfg, json!({"provider": "openai", "auth": "passthrough"}));
+    assert_eq!(client_credentials_left(&h), ["authorization", "x-other"]);
+}
+
+#[test]
+fn the_credential_list_is_configurable_globally_and_per_profile() {
+    let h = credentials_run(r#"{"client_credential_headers":["cookie","x-other"]}"#, json!({}));
+    // authorization always goes to a provider-mode endpoint, whatever the list says.
+    assert_eq!(
+        client_credentials_left(&h),
+        ["proxy-authorization", "x-api-key", "api-key", "x-goog-api-key", "x-amz-security-token"]
+    );
+    let h =
+        credentials_run(r#"{"providers":{"p":{"client_credential_headers":["x-api-key"]}}}"#, json!({"provider": "p"}));
+    assert!(!client_credentials_left(&h).contains(&"x-api-key".to_string()));
+    assert!(client_credentials_left(&h).contains(&"cookie".to_string()));
+}
+
+#[test]
+fn missing_key_sends_no_credential_and_counts() {
+    let p = plugin("{}");
+    let mut h = host(
+        &[("authorization", "Bearer client")],
+        json!({"provider": "openai", "credential_env": "OPENAI_API_KEY"}),
+        json!({}),
+    );
+    run(p.as_ref(), &mut h, "{}");
+    assert_eq!(h.req_header("authorization"), None);
+    assert_eq!(h.metric("sluice_failover_credential_missing.gen_ai_provider_name=.=openai;.;"), Some(1));
+    // An invalid variable name in metadata is treated the same way.
+    let p = plugin("{}");
+    let mut h = host(&[], json!({"credential_env": "BAD-NAME"}), json!({}));
+    h.env.insert("BAD-NAME".into(), "x".into());
+    run(p.as_ref(), &mut h, "{}");
+    assert_eq!(h.req_header("authorization"), None);
+}
+
+#[test]
+fn profile_path_authority_and_hostile_metadata() {
+    let p = plugin(r#"{"providers":{"openai":{"authority":"api.openai.com","path":"/v1/chat/completions"}}}"#);
+    let mut h = host(&[(":path", "/openai"), (":authority", "gw")], json!({"provider": "openai"}), json!({}));
+    run(p.as_ref(), &mut h, "{}");
+    assert_eq!(h.req_header(":authority").as_deref(), Some("api.openai.com"));
+    assert_eq!(h.req_header(":path").as_deref(), Some("/v1/chat/completions"));
+    let p = plugin("{}");
+    let mut h = host(
+        &[(":path", "/v1/chat/completions"), (":authority", "gw")],
+        json!({"path": "no-slash", "authority": "evil/host", "credential_header": "Bad Header"}),
+        json!({}),
+    );
+    run(p.as_ref(), &mut h, "{}");
+    assert_eq!(h.req_header(":path").as_deref(), Some("/v1/chat/completions"));
+    assert_eq!(h.req_header(":authority").as_deref(), Some("gw"));
+}
+
+#[test]
+fn non_json_bodies_pass_unchanged_and_count() {
+    for (body, reason) in [("not json", "not_json"), ("[1,2]", "not_object"), ("\u{ff}\u{fe}", "not_json")] {
+        let p = plugin("{}");
+        let mut h = host(&[], json!({"model": "m"}), json!({}));
+        assert_eq!(run(p.as_ref(), &mut h, body), (Act::Pause, Act::Continue));
+        assert_eq!(h.req_body, body.as_bytes());
+        assert_eq!(h.metric(&format!("sluice_failover_body_passthrough.sluice_reason=.={reason};.;")), Some(1));
+    }
+}
+
+#[test]
+fn body_over_the_cap_gets_413_and_counts() {
+    let p = plugin(r#"{"max_body_bytes":10}"#);
+    let mut pl = pipeline(p.as_ref());
+    let mut h = host(&[], json!({}), json!({}));
+    assert_eq!(pl.on_request_headers(&mut h, false), Act::Pause);
+    h.phase = Phase::RequestBody;
+    assert_eq!(pl.on_request_body(&mut h, 5, false), Act::Pause);
+    assert_eq!(pl.on_request_body(&mut h, 11, false), Act::Pause);
+    assert_eq!(h.replies.len(), 1);
+    assert_eq!(h.replies[0].status, 413);
+    let v: Value = serde_json::from_slice(&h.replies[0].body).unwrap();
+    assert_eq!(v["error"]["code"], "request_too_large");
+    assert_eq!(pl.on_request_body(&mut h, 20, true), Act::Pause);
+    assert_eq!(h.replies.len(), 1);
+    h.phase = Phase::Log;
+    pl.on_log(&mut h);
+    assert_eq!(h.metric(metric::BODY_TOO_LARGE), Some(1));
+}
+
+#[test]
+fn headers_only_request_continues() {
+    let p = plugin("{}");
+    let mut h = host(&[(":method", "GET")], json!({"model": "m"}), json!({}));
+    assert_eq!(pipeline(p.as_ref()).on_request_headers(&mut h, true), Act::Continue);
+}
+
+fn respond(cfg: &str, headers: &[(&str, &str)]) -> FakeHost {
+    let p = plugin(cfg);
+    let mut pl = pipeline(p.as_ref());
+    let mut h = host(&[], json!({"provider": "openai", "model": "gpt-4o"}), json!({}));
+    run_on(&mut pl, &mut h, "");
+    h.req_headers_sent = true;
+    h.phase = Phase::ResponseHeaders;
+    h.resp_headers = headers.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect();
+    assert_eq!(pl.on_response_headers(&mut h, false), Act::Continue);
+    assert!(h.refused.is_empty(), "{:?}", h.refused);
+    h
+}
+
+#[test]
+fn a_429_is_shown_to_the_router_as_503() {
+    let h = respond("{}", &[(":status", "429"), ("retry-after", "60")]);
+    assert_eq!(h.resp_header(":status").as_deref(), Some("503"));
+    assert_eq!(h.resp_header(ORIGINAL_STATUS_HEADER).as_deref(), Some("429"));
+    assert_eq!(h.resp_header("retry-after").as_deref(), Some("60"));
+    assert_eq!(h.state(keys::RETRY_AFTER).as_deref(), Some("60"));
+    assert_eq!(h.metric("sluice_failover_rate_limited.gen_ai_provider_name=.=openai;.;"), Some(1));
+    assert_eq!(h.metric("sluice_failover_retry_after_ms.gen_ai_provider_name=.=openai;.;"), Some(60_000));
+}
+
+#[test]
+fn a_429_without_wait_headers_and_mapping_disabled() {
+    let h = respond(r#"{"rate_limit_status_to":429}"#, &[(":status", "429")]);
+    assert_eq!(h.resp_header(":status").as_deref(), Some("429"));
+    assert_eq!(h.resp_header(ORIGINAL_STATUS_HEADER), None);
+    assert_eq!(h.state(keys::RETRY_AFTER), None);
+    let h = respond("{}", &[(":status", "429"), ("x-ratelimit-reset-requests", "1.5s")]);
+    assert_eq!(h.state(keys::RETRY_AFTER).as_deref(), Some("1.5"));
+}
+
+#[test]
+fn other_statuses_pass_and_provider_cannot_forge_internal_headers() {
+    let h = respond("{}", &[(":status", "503"), (ORIGINAL_STATUS_HEADER, "200")]);
+    assert_eq!(h.resp_header(":status").as_deref(), Some("503"));
+    assert_eq!(h.resp_header(ORIGINAL_STATUS_HEADER), None);
+    let h = respond("{}", &[(":status", "200")]);
+    assert_eq!(h.resp_header(":status").as_deref(), Some("200"));
+    assert_eq!(h.state(keys::PROVIDER).as_deref(), Some("openai"));
+}
+
+/// Value-returning host calls per attempt, with just this stage:
+/// - pipeline: the request headers (1 map read), the route name (+ its metadata on the first
+///   request of a route, cached per VM), the body (1), the response headers (1 map read);
+/// - stage: the cluster name and the endpoint's whole metadata (the endpoint cache key), plus,
+///   on the first attempt to an endpoint in 10 s, the cluster's whole metadata (1); with
+///   `backup_models`, the downstream role's mark (1).
+///
+/// Never one read per metadata key, and never a read of filter state this role wrote.
+#[test]
+fn host_call_budget() {
+    let p = plugin(
+        r#"{"backup_models":["b"],"providers":{"openai":{"credential_env":"K","path":"/v1/chat/completions"}}}"#,
+    );
+    let routes = Rc::new(RefCell::new(RouteCache::default())); // per VM, like the glue's
+    let attempt = |p: &dyn Plugin, first: bool| {
+        let mut pl = Pipeline::new(1, vec![Slot::of(p)], Rc::clone(&routes));
+        let mut h = CountingHost::new(host(
+            &[("x-envoy-attempt-count", "2"), ("authorization", "Bearer c")],
+            json!({"provider": "openai", "model": "gpt-4o"}),
+            json!({"x": "y"}),
+        ));
+        h.inner.set_prop(&["xds", "route_name"], "chat");
+        let body = r#"{"model":"client","messages":[{"role":"user","content":"hi"}]}"#;
+        pl.on_request_headers(&mut h, false);
+        h.inner.phase = Phase::RequestBody;
+        h.inner.req_body = body.as_bytes().to_vec();
+        assert_eq!(pl.on_request_body(&mut h, body.len(), true), Act::Continue);
+        h.inner.req_headers_sent = true;
+        h.inner.phase = Phase::ResponseHeaders;
+        h.inner.resp_headers = vec![(":status".into(), b"200".to_vec())];
+        pl.on_response_headers(&mut h, false);
+        assert_eq!(serde_json::from_slice::<Value>(&h.inner.req_body).unwrap()["model"], "b");
+        assert_eq!(h.count(CallKind::HeaderMap), 2);
+        assert_eq!(h.count(CallKind::Body), 1);
+        let budget = if first { 9 } else { 7 };
+        assert!(h.total() <= budget, "first={first}: {} ({:?})", h.total(), h.property_reads.borrow());
+    };
+    attempt(p.as_ref(), true);
+    attempt(p.as_ref(), false);
+}
+
+/// Issue 16 §6: a large body (several hundred KB, many chunks) is rewritten byte-exact.
+#[test]
+fn large_multi_chunk_body_is_rewritten_exactly() {
+    let p = plugin("{}");
+    let mut pl = pipeline(p.as_ref());
+    let text: String = (0..60_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect::<String>() + "é日本";
+    let client = json!({"model": "client", "messages": [{"role": "user", "content": text}], "n": 1});
+    let raw = serde_json::to_vec(&client).unwrap();
+    let mut h = host(&[], json!({"model": "gpt-4o"}), json!({}));
+    assert_eq!(pl.on_request_headers(&mut h, false), Act::Pause);
+    h.phase = Phase::RequestBody;
+    let mut sent = 0;
+    for chunk in raw.chunks(16 * 1024) {
+        sent += chunk.len();
+        h.req_body.extend_from_slice(chunk);
+        let act = pl.on_request_body(&mut h, sent, sent == raw.len());
+        assert_eq!(act, if sent == raw.len() { Act::Continue } else { Act::Pause });
+    }
+    let mut want = client.clone();
+    want["model"] = json!("gpt-4o");
+    assert_eq!(h.req_body, serde_json::to_vec(&want).unwrap());
+}
+
+#[test]
+fn endpoints_sharing_an_address_keep_their_own_metadata() {
+    let p = plugin("{}");
+    for model in ["gpt-4o", "gpt-4.0-turbo", "gpt-4o"] {
+        let mut h = host(&[], json!({"model": model}), json!({}));
+        run(p.as_ref(), &mut h, r#"{"model":"x"}"#);
+        assert_eq!(body_json(&h)["model"], model);
+    }
+}
