@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Benchmark: what each sluice filter costs next to bare Envoy, measured side by side in one run.
-#   scripts/bench.sh              full run, writes docs/benchmarks.md (about 8 min of load after
-#                                 setup + build; under 15 min from a fresh clone)
-#   scripts/bench.sh --quick      ~2-minute smoke run of every configuration (not for conclusions)
+# Benchmark: what each sluice filter costs next to bare Envoy, and what the peer gateways (LiteLLM
+# proxy, Portkey gateway) cost in front of the same provider, measured side by side in one run.
+#   scripts/bench.sh              full run with the peers, writes docs/benchmarks.md (about 12 min
+#                                 of load after setup + build; the first run also installs the
+#                                 peers, a few minutes)
+#   scripts/bench.sh --quick      ~2-minute smoke run of every sluice configuration, no peers
+#   scripts/bench.sh --quick --peers --configs bare,composed,litellm-features,portkey-features
 #   scripts/bench.sh --quick --no-build --configs bare --out /tmp/b.md   (tests/e2e/test_bench.py)
 # Options for the load (passed to bench/bench.py; `scripts/bench.sh --help` lists them):
 #   --configs a,b  --rounds N  --latency-seconds S  --throughput-seconds S  --connections 4,16,64
@@ -10,6 +13,10 @@
 # Options of this script:
 #   --no-build   skip scripts/setup.sh and scripts/build.sh (use what is already built)
 #   --no-micro   skip the native micro-benchmarks (cargo bench -p sluice-core; skipped by --quick)
+#   --peers / --no-peers   include / leave out the peers (default: a full run includes them, --quick
+#                not); with them, bench/peers/install.sh installs them first when missing (LiteLLM
+#                into its own virtualenv .venv-bench/, Portkey into bench/peers/node_modules). A peer
+#                named in --configs is installed too.
 # Needs wrk (Debian; scripts/setup.sh installs it from scripts/apt-packages.txt). 127.0.0.1 only;
 # every load is bounded in time; every process the run starts is stopped at the end, also on
 # failure or Ctrl-C (bench/bench.py stops them in a finally block, by PID).
@@ -19,12 +26,21 @@ started=$(now)
 
 build=1
 micro=1
+quick=0
+peers=
+configs=all
 args=()
+prev=
 for a in "$@"; do
+  [ "$prev" = --configs ] && configs="$a"
+  prev="$a"
   case "$a" in
     --no-build) build=0 ;;
     --no-micro) micro=0 ;;
-    --quick) micro=0; args+=("$a") ;;
+    --quick) quick=1; micro=0; args+=("$a") ;;
+    --peers) peers=1; args+=("$a") ;;
+    --no-peers) peers=0; args+=("$a") ;;
+    --configs=*) configs="${a#--configs=}"; args+=("$a") ;;
     -h|--help) sed -n '2,/^\. /p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; echo
                exec "$VENV/bin/python" bench/bench.py --help ;;
     *) args+=("$a") ;;
@@ -48,6 +64,21 @@ else
   build_note="--no-build: used the binaries already built"
 fi
 command -v wrk >/dev/null || die "wrk not found: run scripts/setup.sh (it installs scripts/apt-packages.txt)"
+
+# The peers this run measures (the same rule as bench/bench.py's): all of them in `--configs all`
+# of a full run or with --peers, and any named in --configs. Installed on demand, never into .venv.
+[ -n "$peers" ] || { [ "$quick" = 1 ] && peers=0 || peers=1; }
+want_peers=()
+if [ "$configs" = all ]; then
+  [ "$peers" = 1 ] && want_peers=(litellm portkey)
+else
+  case ",$configs," in *,litellm*) want_peers+=(litellm) ;; esac
+  case ",$configs," in *,portkey*) want_peers+=(portkey) ;; esac
+fi
+if [ ${#want_peers[@]} -gt 0 ]; then
+  # a peer that does not install must not hide the other numbers: its rows say "not installed"
+  bench/peers/install.sh "${want_peers[@]}" || say "warning: bench/peers/install.sh failed; those peers' rows will say not installed"
+fi
 
 micro_args=()
 if [ "$micro" = 1 ]; then

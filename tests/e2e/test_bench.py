@@ -3,7 +3,9 @@ build, report written to a temp path, never to docs/benchmarks.md) produces the 
 tables with a measured bare row. No timing assertions: the numbers are not checked, only that
 they exist. Also: every bench/envoy-<config>.yaml whose .wasm is built passes
 `envoy --mode validate` (which configures the filters), so the bench configs follow the
-filters' config schemas."""
+filters' config schemas. The report's bars and peer rows are rendered from made-up numbers (no
+load, no timing), and the peers' pins and configs are checked without installing the peers (they
+run only in a full benchmark or with `--peers`)."""
 from __future__ import annotations
 
 import json
@@ -68,3 +70,99 @@ def test_bench_config_validates(path: Path):
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and " OK" in (r.stdout + r.stderr), \
         f"{path.name}: envoy --mode validate failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The report's logic without any load: bench/bench.py's summary, bars and tables on made-up
+# numbers (so nothing here depends on timing), the peers' selection and their static configs.
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sluice_bench", ROOT / "bench" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _raw(p50: float, cpu_us: float, rss_mib: float, rps: float = 1000.0, buffered: bool = False, **extra) -> dict:
+    """One configuration's raw results, one round, as bench.py records them."""
+    lat = {"lat_p50_us": p50, "lat_p99_us": 2 * p50, "errors": 0, "requests": 100, "duration_us": 1e6}
+    total = [75_000.0] * 10
+    ttfb = [60_000.0 if buffered else 600.0 + p50] * 10
+    thr = {"rps": rps, "errors": 0, "requests": int(rps), "cpu_ns": int(cpu_us * 1000 * int(rps)), "connections": 4}
+    return {"status": "ok", "detail": "", "wasm": [], "probes": {}, "rss_kib": int(rss_mib * 1024),
+            "hwm_kib": int(rss_mib * 1024), "processes": 1,
+            "rounds": [{"round": 1, "lat_4k": lat, "lat_32k": lat, "throughput": [thr],
+                        "stream": {"ttfb_us": ttfb, "total_us": total, "errors": 0, "first_error": None,
+                                   "cpu_ns": 1000}}], **extra}
+
+
+def test_bench_bars_and_peer_rows_render():
+    b = _bench_module()
+    a = b.parse_args(["--quick", "--peers", "--connections", "4", "--out", "/dev/null"])
+    raw = {"bare": _raw(300, 90, 70), "bare-again": _raw(300, 90, 70),
+           "auth": _raw(340, 110, 100),                    # 1.22x: within the 1.3x bar
+           "prompt-guard": _raw(380, 180, 110),             # 2.0x: misses it
+           "suite": _raw(700, 300, 160),                    # 3.33x: within 3.5x
+           "composed": _raw(420, 200, 120, rps=600),        # 2.22x, +120 us, +50 MiB, 0.6x
+           "litellm-features": _raw(3000, 2500, 900, rps=300,
+                                    peer={"peer": "litellm", "version": "LiteLLM 1.108.7", "workers": 2,
+                                          "install": {"seconds": 200, "mib": 760}, "startup_s": 60.0}),
+           "portkey-features": _raw(900, 600, 150, rps=500, buffered=True,
+                                    peer={"peer": "portkey", "version": "Portkey gateway 1.15.2", "workers": 2,
+                                          "install": None, "startup_s": 3.0})}
+    raw["suite-one-vm"] = {"status": "not built", "detail": "missing target/x.wasm", "wasm": [], "rounds": []}
+    s = b.summarise(a, raw)
+    rows = {r["id"]: r for r in b.bars(s, reasons={"filter-cpu-prompt-guard": "regex tables"})}
+    assert rows["composed-cpu"]["verdict"] == "met" and rows["composed-p50"]["verdict"] == "met"
+    assert rows["composed-rss"]["verdict"] == "met" and rows["composed-throughput"]["verdict"] == "met"
+    assert rows["filter-cpu-auth"]["verdict"] == "met"
+    assert rows["filter-cpu-prompt-guard"]["verdict"] == "MISSED"
+    assert rows["filter-cpu-prompt-guard"]["reason"] == "regex tables"
+    assert rows["suite-cpu"]["verdict"] == "met"
+    assert rows["suite-one-vm-cpu"]["verdict"].startswith("not measured (not built")
+    assert rows["filter-cpu-usage-metrics"]["verdict"].startswith("not measured (not run")
+    assert rows["vs-litellm-latency"]["verdict"] == "met" and rows["vs-litellm-cpu"]["verdict"] == "met"
+    assert rows["vs-portkey-cpu"]["verdict"] == "met"
+    report = b.render_report(a, {"nproc": 2, "cpu": "x", "mem_gib": 1, "kernel": "k", "envoy": "1.40.0",
+                                 "wrk": "wrk", "loadavg_start": "0 0 0", "commit": "c"}, s)
+    assert "## Bars (issue 15)" in report and "| `composed-cpu` |" in report
+    assert "## Peers: LiteLLM proxy and the Portkey gateway" in report
+    # a features row's status says what it cannot run
+    assert f"| litellm-features | {b.PEERS['litellm-features']['short']} |" in report
+    assert "| portkey-features | " in report and "**yes**" in report  # buffered shows
+    assert b.REASONS_HEADING not in report  # the reasons are in the Bars table, not repeated
+
+
+def test_bench_peers_only_on_request():
+    b = _bench_module()
+    assert not set(b.PEER_NAMES) & set(b.parse_args(["--quick"]).configs)  # the smoke run stays short
+    assert set(b.PEER_NAMES) <= set(b.parse_args([]).configs)  # the full run measures them
+    assert not set(b.PEER_NAMES) & set(b.parse_args(["--no-peers"]).configs)
+    assert set(b.PEER_NAMES) <= set(b.parse_args(["--quick", "--peers"]).configs)
+    assert b.parse_args(["--quick", "--configs", "portkey"]).configs == ["bare", "portkey"]
+
+
+def test_bench_peer_configs_are_pinned_and_local():
+    import yaml
+
+    peers = ROOT / "bench" / "peers"
+    reqs = (peers / "litellm-requirements.txt").read_text()
+    pin = re.search(r"^litellm\[proxy\]==([\d.]+)$", reqs, re.M)
+    assert pin, "litellm[proxy] must be pinned"
+    assert f"litellm=={pin.group(1)}" in (peers / "litellm-constraints.txt").read_text()
+    pkg = json.loads((peers / "package.json").read_text())
+    assert re.fullmatch(r"\d+\.\d+\.\d+", pkg["dependencies"]["@portkey-ai/gateway"])
+    lock = json.loads((peers / "package-lock.json").read_text())
+    assert lock["packages"]["node_modules/@portkey-ai/gateway"]["version"] == pkg["dependencies"]["@portkey-ai/gateway"]
+    for name in ("litellm", "litellm-features"):
+        cfg = yaml.safe_load((peers / f"{name}.yaml").read_text())
+        assert cfg["model_list"] and all(d["litellm_params"]["api_base"].startswith("http://127.0.0.1:18001/")
+                                         for d in cfg["model_list"])
+        assert "database_url" not in json.dumps(cfg).lower()
+    for name in ("portkey", "portkey-features"):
+        text = (peers / f"{name}.json").read_text()
+        hosts = re.findall(r'"custom_host":\s*"([^"]+)"', text)
+        assert hosts and all(h.startswith("http://127.0.0.1:18001/") for h in hosts)
+        assert "portkey." not in text  # only the gateway's local (default.*) checks, no hosted ones
