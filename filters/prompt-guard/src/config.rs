@@ -1,133 +1,18 @@
-//! Configuration: strict serde read (`RawConfig`), then `Config::try_from` compiles the
-//! rules of every policy and checks that response rules have a bounded match length.
+//! Configuration, read with the one core reader (`sluice_core::config::Obj`): every policy's
+//! rules are compiled at load, response rules must have a bounded match length, and every
+//! error names its field (`policies.<name>.request_rules[<i>].<field>`).
 
-use crate::builtins;
+use crate::builtins::{self, Check};
 use crate::rules::{GuardRule, Replacement, RuleAction, RuleSet};
-use serde::Deserialize;
-use sluice_core::config::{de_opt_duration, parse_json_config, ConfigError, FailureMode};
-use std::collections::{BTreeMap, HashSet};
+use sluice_core::config::{ConfigError, FailureMode, Obj};
+use std::collections::HashSet;
 use std::rc::Rc;
 use std::time::Duration;
 
-/// Filter name used in logs and error messages.
-pub const FILTER: &str = "prompt-guard";
 /// Default request/response body cap (bytes).
 pub const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
 /// Largest `max_match_len` accepted (bytes): the streaming hold-back.
 pub const MAX_HOLD_BACK: usize = 64 * 1024;
-
-/// The plugin configuration as written.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawConfig {
-    /// Named policies.
-    pub policies: BTreeMap<String, RawPolicy>,
-    /// Policy for routes without the metadata key; none = such routes are not guarded.
-    #[serde(default)]
-    pub default_policy: Option<String>,
-    /// Route metadata key (namespace `sluice`) naming the policy.
-    #[serde(default)]
-    pub route_metadata_key: Option<String>,
-    /// Request body cap in bytes (413 above it).
-    #[serde(default)]
-    pub max_request_bytes: Option<usize>,
-    /// Buffered (non-streaming) response body cap in bytes.
-    #[serde(default)]
-    pub max_response_bytes: Option<usize>,
-}
-
-/// One policy as written.
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RawPolicy {
-    /// Message roles inspected on the request; absent = every role.
-    #[serde(default)]
-    pub roles: Option<Vec<String>>,
-    /// Rules applied to the request.
-    #[serde(default)]
-    pub request_rules: Vec<RawRule>,
-    /// Rules applied to the response (mask only).
-    #[serde(default)]
-    pub response_rules: Vec<RawRule>,
-    /// Count what would happen, change nothing.
-    #[serde(default)]
-    pub shadow: bool,
-    /// Optional external check of the request.
-    #[serde(default)]
-    pub webhook: Option<RawWebhook>,
-}
-
-/// One rule as written.
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RawRule {
-    /// Rule name (defaults to the built-in's name).
-    #[serde(default)]
-    pub name: Option<String>,
-    /// A regular expression (Rust `regex` syntax).
-    #[serde(default)]
-    pub regex: Option<String>,
-    /// One literal phrase.
-    #[serde(default)]
-    pub phrase: Option<String>,
-    /// Several literal phrases.
-    #[serde(default)]
-    pub phrases: Option<Vec<String>>,
-    /// A built-in detector name.
-    #[serde(default)]
-    pub builtin: Option<String>,
-    /// Match regardless of case.
-    #[serde(default)]
-    pub case_insensitive: bool,
-    /// `reject` or `mask`.
-    pub action: RawAction,
-    /// Reject status (default 403).
-    #[serde(default)]
-    pub status: Option<u32>,
-    /// Reject message.
-    #[serde(default)]
-    pub message: Option<String>,
-    /// Mask: replace the whole match with this text.
-    #[serde(default)]
-    pub replacement: Option<String>,
-    /// Mask: replace each character with this one (default `X`).
-    #[serde(default)]
-    pub mask_char: Option<char>,
-    /// Longest match in bytes, required for unbounded patterns in response rules.
-    #[serde(default)]
-    pub max_match_len: Option<usize>,
-}
-
-/// Rule action as written.
-#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum RawAction {
-    /// Refuse.
-    #[default]
-    Reject,
-    /// Replace matches.
-    Mask,
-}
-
-/// Webhook as written.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawWebhook {
-    /// Envoy cluster.
-    pub cluster: String,
-    /// Request path (default `/check`).
-    #[serde(default)]
-    pub path: Option<String>,
-    /// `:authority` (default: the cluster name).
-    #[serde(default)]
-    pub authority: Option<String>,
-    /// Timeout (default 1s).
-    #[serde(default, deserialize_with = "de_opt_duration")]
-    pub timeout: Option<Duration>,
-    /// `deny` (default) or `allow` when the webhook fails.
-    #[serde(default)]
-    pub failure_mode: Option<FailureMode>,
-}
 
 /// The external check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,11 +46,18 @@ pub struct Policy {
     pub webhook: Option<Webhook>,
 }
 
+impl Policy {
+    /// Response rules that change answers (not shadow).
+    pub fn masks_responses(&self) -> bool {
+        !self.response.is_empty() && !self.shadow
+    }
+}
+
 /// The compiled configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Policies by name.
-    pub policies: BTreeMap<String, Rc<Policy>>,
+    /// Policies, in document order.
+    pub policies: Vec<(String, Rc<Policy>)>,
     /// Default policy name.
     pub default_policy: Option<String>,
     /// Route metadata key.
@@ -177,168 +69,182 @@ pub struct Config {
 }
 
 impl Config {
-    /// Parse and compile the plugin configuration.
+    /// Parse and compile a whole configuration document (config-check, tests).
     pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
-        let raw: RawConfig = parse_json_config(bytes)?;
-        Self::try_from(raw)
+        sluice_core::config::read(bytes, Self::load)
     }
 
-    /// The policy for a route: its metadata value, else the default.
+    /// Read and compile the plugin configuration.
+    pub fn load(o: Obj<'_>) -> Result<Self, ConfigError> {
+        o.known(&["policies", "default_policy", "route_metadata_key", "max_request_bytes", "max_response_bytes"])?;
+        let policies = o
+            .named("policies", |name, p| {
+                if name.is_empty() {
+                    return Err(o.err("policies", "policy names must not be empty"));
+                }
+                compile_policy(name, p).map(Rc::new)
+            })?
+            .unwrap_or_default();
+        if policies.is_empty() {
+            return Err(o.err("policies", "at least one policy is required"));
+        }
+        let default_policy = o.string("default_policy")?;
+        if let Some(d) = &default_policy {
+            if !policies.iter().any(|(n, _)| n == d) {
+                return Err(o.err("default_policy", format!("no policy named {d:?}")));
+            }
+        }
+        let route_metadata_key = o.string("route_metadata_key")?.unwrap_or_else(|| "guard_policy".to_string());
+        if route_metadata_key.is_empty() {
+            return Err(o.err("route_metadata_key", "must not be empty"));
+        }
+        let max_request_bytes = o.count("max_request_bytes")?.unwrap_or(DEFAULT_MAX_BODY);
+        let max_response_bytes = o.count("max_response_bytes")?.unwrap_or(DEFAULT_MAX_BODY);
+        if max_request_bytes == 0 {
+            return Err(o.err("max_request_bytes", "must be greater than 0"));
+        }
+        if max_response_bytes == 0 {
+            return Err(o.err("max_response_bytes", "must be greater than 0"));
+        }
+        Ok(Config { policies, default_policy, route_metadata_key, max_request_bytes, max_response_bytes })
+    }
+
+    /// A policy by name.
+    pub fn policy(&self, name: &str) -> Option<&Rc<Policy>> {
+        self.policies.iter().find(|(n, _)| n == name).map(|(_, p)| p)
+    }
+
+    /// The policy for a route: its metadata value, else the default; `Err(name)` when the
+    /// route names a policy that does not exist.
     pub fn policy_for(&self, route_value: Option<&str>) -> Result<Option<Rc<Policy>>, String> {
         match route_value.or(self.default_policy.as_deref()) {
             None => Ok(None),
-            Some(name) => self.policies.get(name).cloned().map(Some).ok_or_else(|| name.to_string()),
+            Some(name) => self.policy(name).cloned().map(Some).ok_or_else(|| name.to_string()),
         }
     }
 }
 
-impl TryFrom<RawConfig> for Config {
-    type Error = ConfigError;
-
-    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
-        if raw.policies.is_empty() {
-            return Err(ConfigError::new("policies", "at least one policy is required"));
-        }
-        let mut policies = BTreeMap::new();
-        for (name, p) in raw.policies {
-            let field = format!("policies.{name}");
-            if name.is_empty() {
-                return Err(ConfigError::new("policies", "policy names must not be empty"));
-            }
-            let policy = compile_policy(&name, p).map_err(|e| e.within(&field))?;
-            policies.insert(name, Rc::new(policy));
-        }
-        if let Some(d) = &raw.default_policy {
-            if !policies.contains_key(d) {
-                return Err(ConfigError::new("default_policy", format!("no policy named {d:?}")));
-            }
-        }
-        let key = raw.route_metadata_key.unwrap_or_else(|| "guard_policy".to_string());
-        if key.is_empty() {
-            return Err(ConfigError::new("route_metadata_key", "must not be empty"));
-        }
-        let max_request_bytes = raw.max_request_bytes.unwrap_or(DEFAULT_MAX_BODY);
-        let max_response_bytes = raw.max_response_bytes.unwrap_or(DEFAULT_MAX_BODY);
-        if max_request_bytes == 0 {
-            return Err(ConfigError::new("max_request_bytes", "must be greater than 0"));
-        }
-        if max_response_bytes == 0 {
-            return Err(ConfigError::new("max_response_bytes", "must be greater than 0"));
-        }
-        Ok(Config {
-            policies,
-            default_policy: raw.default_policy,
-            route_metadata_key: key,
-            max_request_bytes,
-            max_response_bytes,
-        })
+fn compile_policy(name: &str, p: Obj<'_>) -> Result<Policy, ConfigError> {
+    p.known(&["roles", "request_rules", "response_rules", "shadow", "webhook"])?;
+    let roles = p.strings("roles")?;
+    if roles.as_ref().is_some_and(Vec::is_empty) {
+        return Err(p.err("roles", "must list at least one role (omit it to inspect every role)"));
     }
+    let request = compile_rules(&p, "request_rules", false)?;
+    let response = compile_rules(&p, "response_rules", true)?;
+    let webhook = p.object("webhook", compile_webhook)?;
+    Ok(Policy { name: name.to_string(), roles, request, response, shadow: p.flag("shadow", false)?, webhook })
 }
 
-fn compile_policy(name: &str, p: RawPolicy) -> Result<Policy, ConfigError> {
-    if let Some(roles) = &p.roles {
-        if roles.is_empty() {
-            return Err(ConfigError::new("roles", "must list at least one role (omit it to inspect every role)"));
-        }
+fn compile_webhook(w: Obj<'_>) -> Result<Webhook, ConfigError> {
+    w.known(&["cluster", "path", "authority", "timeout", "failure_mode"])?;
+    let cluster = w.required("cluster")?;
+    if cluster.is_empty() {
+        return Err(w.err("cluster", "must not be empty"));
     }
-    let request = compile_rules(p.request_rules, false).map_err(|e| e.within("request_rules"))?;
-    let response = compile_rules(p.response_rules, true).map_err(|e| e.within("response_rules"))?;
-    let webhook = p.webhook.map(compile_webhook).transpose().map_err(|e| e.within("webhook"))?;
-    Ok(Policy { name: name.to_string(), roles: p.roles, request, response, shadow: p.shadow, webhook })
-}
-
-fn compile_webhook(w: RawWebhook) -> Result<Webhook, ConfigError> {
-    if w.cluster.is_empty() {
-        return Err(ConfigError::new("cluster", "must not be empty"));
-    }
-    let path = w.path.unwrap_or_else(|| "/check".to_string());
+    let path = w.string("path")?.unwrap_or_else(|| "/check".to_string());
     if !path.starts_with('/') {
-        return Err(ConfigError::new("path", "must start with /"));
+        return Err(w.err("path", "must start with /"));
     }
-    let timeout = w.timeout.unwrap_or(Duration::from_secs(1));
+    let timeout = w.duration("timeout")?.unwrap_or(Duration::from_secs(1));
     if timeout.is_zero() {
-        return Err(ConfigError::new("timeout", "must be greater than 0"));
+        return Err(w.err("timeout", "must be greater than 0"));
     }
     Ok(Webhook {
-        authority: w.authority.unwrap_or_else(|| w.cluster.clone()),
-        cluster: w.cluster,
+        authority: w.string("authority")?.unwrap_or_else(|| cluster.clone()),
+        cluster,
         path,
         timeout,
-        failure_mode: w.failure_mode.unwrap_or(FailureMode::Deny),
+        failure_mode: w.failure_mode("failure_mode")?.unwrap_or(FailureMode::Deny),
     })
 }
 
-fn compile_rules(raw: Vec<RawRule>, response: bool) -> Result<RuleSet, ConfigError> {
-    let mut rules = Vec::with_capacity(raw.len());
-    let mut patterns = Vec::with_capacity(raw.len());
+fn compile_rules(p: &Obj<'_>, key: &str, response: bool) -> Result<RuleSet, ConfigError> {
+    let compiled = p.objects(key, |r| compile_rule(&r, response))?.unwrap_or_default();
+    let mut rules = Vec::with_capacity(compiled.len());
+    let mut patterns = Vec::with_capacity(compiled.len());
     let mut names = HashSet::new();
-    for (i, r) in raw.into_iter().enumerate() {
-        let (rule, pattern) = compile_rule(r, response).map_err(|e| e.within(&format!("[{i}]")))?;
+    for (i, (rule, pattern)) in compiled.into_iter().enumerate() {
         if !names.insert(rule.name.clone()) {
-            return Err(ConfigError::new(format!("[{i}].name"), format!("duplicate rule name {:?}", rule.name)));
+            let field = format!("{}[{i}].name", p.field_path(key));
+            return Err(ConfigError::new(field, format!("duplicate rule name {:?}", rule.name)));
         }
         rules.push(rule);
         patterns.push(pattern);
     }
-    RuleSet::new(rules, &patterns).map_err(|e| ConfigError::new(".", format!("cannot compile the rule set: {e}")))
+    RuleSet::new(rules, &patterns).map_err(|e| p.err(key, format!("cannot compile the rule set: {e}")))
 }
 
-fn compile_rule(r: RawRule, response: bool) -> Result<(GuardRule, String), ConfigError> {
-    let sources = [r.regex.is_some(), r.phrase.is_some(), r.phrases.is_some(), r.builtin.is_some()];
-    if sources.iter().filter(|s| **s).count() != 1 {
-        return Err(ConfigError::new(".", "exactly one of regex, phrase, phrases, builtin is required"));
+fn compile_rule(r: &Obj<'_>, response: bool) -> Result<(GuardRule, String), ConfigError> {
+    r.known(&[
+        "name",
+        "regex",
+        "phrase",
+        "phrases",
+        "builtin",
+        "case_insensitive",
+        "action",
+        "status",
+        "message",
+        "replacement",
+        "mask_char",
+        "max_match_len",
+    ])?;
+    let sources = ["regex", "phrase", "phrases", "builtin"].iter().filter(|k| r.has(k)).count();
+    if sources != 1 {
+        return Err(r.err(".", "exactly one of regex, phrase, phrases, builtin is required"));
     }
-    let mut validator = None;
-    let (field, base, default_name) = if let Some(re) = r.regex {
+    let mut check = Check::None;
+    let (field, base, default_name) = if let Some(re) = r.string("regex")? {
         if re.is_empty() {
-            return Err(ConfigError::new("regex", "must not be empty"));
+            return Err(r.err("regex", "must not be empty"));
         }
         ("regex", re, None)
-    } else if let Some(p) = r.phrase {
+    } else if let Some(p) = r.string("phrase")? {
         if p.is_empty() {
-            return Err(ConfigError::new("phrase", "must not be empty"));
+            return Err(r.err("phrase", "must not be empty"));
         }
         ("phrase", regex::escape(&p), None)
-    } else if let Some(ps) = r.phrases {
+    } else if let Some(ps) = r.strings("phrases")? {
         if ps.is_empty() || ps.iter().any(String::is_empty) {
-            return Err(ConfigError::new("phrases", "must be a non-empty list of non-empty phrases"));
+            return Err(r.err("phrases", "must be a non-empty list of non-empty phrases"));
         }
         ("phrases", ps.iter().map(|p| regex::escape(p)).collect::<Vec<_>>().join("|"), None)
     } else {
-        let name = r.builtin.unwrap_or_default();
+        let name = r.string("builtin")?.unwrap_or_default();
         let Some(b) = builtins::find(&name) else {
             let known: Vec<&str> = builtins::ALL.iter().map(|b| b.name).collect();
-            return Err(ConfigError::new("builtin", format!("unknown built-in {name:?}; known: {}", known.join(", "))));
+            return Err(r.err("builtin", format!("unknown built-in {name:?}; known: {}", known.join(", "))));
         };
-        validator = b.validator;
+        check = b.check;
         ("builtin", b.pattern.to_string(), Some(b.name))
     };
-    let pattern = if r.case_insensitive { format!("(?i:{base})") } else { base };
-    let name = match (r.name, default_name) {
+    let pattern = if r.flag("case_insensitive", false)? { format!("(?i:{base})") } else { base };
+    let name = match (r.string("name")?, default_name) {
         (Some(n), _) => n,
         (None, Some(d)) => d.to_string(),
-        (None, None) => return Err(ConfigError::new("name", "required (except for built-ins)")),
+        (None, None) => return Err(r.err("name", "required (except for built-ins)")),
     };
     if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-        return Err(ConfigError::new("name", format!("{name:?}: use 1-64 characters from A-Z a-z 0-9 . _ -")));
+        return Err(r.err("name", format!("{name:?}: use 1-64 characters from A-Z a-z 0-9 . _ -")));
     }
-    let regex = regex::Regex::new(&pattern).map_err(|e| ConfigError::new(field, format!("rule {name:?}: {e}")))?;
+    let action = r.choice("action", &["reject", "mask"])?.ok_or_else(|| r.err("action", "missing field"))?;
+    let regex = regex::Regex::new(&pattern).map_err(|e| r.err(field, format!("rule {name:?}: {e}")))?;
     let hir = regex_syntax::Parser::new().parse(&pattern).ok();
     let computed = hir.as_ref().and_then(|h| h.properties().maximum_len());
     if hir.as_ref().is_some_and(|h| h.properties().look_set().contains_word_unicode()) {
         // The lazy DFA gives up on a Unicode word boundary as soon as a prompt has a non-ASCII
         // byte, and the slow fallback engine takes over.
         log::warn!(
-            "{FILTER}: rule {name:?}: a Unicode \\b makes scanning non-ASCII text about 400x slower; use (?-u:\\b)"
+            "{}: rule {name:?}: a Unicode \\b makes scanning non-ASCII text about 400x slower; use (?-u:\\b)",
+            crate::NAME
         );
     }
-    let max_match_len = match r.max_match_len {
-        Some(0) => return Err(ConfigError::new("max_match_len", "must be greater than 0")),
-        Some(n) if n > MAX_HOLD_BACK => {
-            return Err(ConfigError::new("max_match_len", format!("at most {MAX_HOLD_BACK} bytes")))
-        }
+    let max_match_len = match r.count("max_match_len")? {
+        Some(0) => return Err(r.err("max_match_len", "must be greater than 0")),
+        Some(n) if n > MAX_HOLD_BACK => return Err(r.err("max_match_len", format!("at most {MAX_HOLD_BACK} bytes"))),
         Some(n) if computed.is_some_and(|c| n < c) => {
-            return Err(ConfigError::new(
+            return Err(r.err(
                 "max_match_len",
                 format!(
                     "rule {name:?}: {n} is below the pattern's longest match ({} bytes); omit it",
@@ -349,63 +255,64 @@ fn compile_rule(r: RawRule, response: bool) -> Result<(GuardRule, String), Confi
         Some(n) => Some(n),
         None => computed,
     };
-    let action = match r.action {
-        RawAction::Reject => {
-            if response {
-                return Err(ConfigError::new("action", format!("rule {name:?}: response rules can only mask")));
+    let replacement = r.string("replacement")?;
+    let mask_char = match r.string("mask_char")? {
+        None => None,
+        Some(s) => {
+            let mut chars = s.chars();
+            match (chars.next(), chars.next()) {
+                (Some(c), None) => Some(c),
+                _ => return Err(r.err("mask_char", format!("rule {name:?}: expected exactly one character"))),
             }
-            if r.replacement.is_some() || r.mask_char.is_some() {
-                return Err(ConfigError::new("replacement", format!("rule {name:?}: only for action mask")));
-            }
-            let status = r.status.unwrap_or(403);
-            if !(400..=599).contains(&status) {
-                return Err(ConfigError::new("status", format!("rule {name:?}: must be 400-599")));
-            }
-            let message = r.message.unwrap_or_else(|| format!("request blocked by prompt guard rule {name}"));
-            RuleAction::Reject { status, message }
-        }
-        RawAction::Mask => {
-            if r.status.is_some() || r.message.is_some() {
-                return Err(ConfigError::new(
-                    "status",
-                    format!("rule {name:?}: status and message are only for action reject"),
-                ));
-            }
-            let rep = match (r.replacement, r.mask_char) {
-                (Some(_), Some(_)) => {
-                    return Err(ConfigError::new(
-                        "replacement",
-                        format!("rule {name:?}: set replacement or mask_char, not both"),
-                    ))
-                }
-                (Some(t), None) => Replacement::Text(t),
-                (None, Some(c)) => Replacement::EachChar(c),
-                (None, None) => Replacement::EachChar('X'),
-            };
-            if response {
-                match max_match_len {
-                    None => {
-                        return Err(ConfigError::new(
-                            field,
-                            format!(
-                                "rule {name:?}: the pattern can match unboundedly long text, so a stream cannot be masked with a bounded hold-back; use bounded repetitions (e.g. \\d{{1,20}} instead of \\d+) or set max_match_len"
-                            ),
-                        ))
-                    }
-                    Some(n) if n > MAX_HOLD_BACK => {
-                        return Err(ConfigError::new(
-                            field,
-                            format!("rule {name:?}: longest match is {n} bytes, above the {MAX_HOLD_BACK}-byte hold-back limit; set a smaller max_match_len"),
-                        ))
-                    }
-                    Some(_) => {}
-                }
-            }
-            RuleAction::Mask(rep)
         }
     };
-    let rule = GuardRule { name, action, regex, validator, max_match_len };
-    Ok((rule, pattern))
+    let action = if action == "reject" {
+        if response {
+            return Err(r.err("action", format!("rule {name:?}: response rules can only mask")));
+        }
+        if replacement.is_some() || mask_char.is_some() {
+            return Err(r.err("replacement", format!("rule {name:?}: only for action mask")));
+        }
+        let status = r.u64("status")?.unwrap_or(403);
+        if !(400..=599).contains(&status) {
+            return Err(r.err("status", format!("rule {name:?}: must be 400-599")));
+        }
+        let message = r.string("message")?.unwrap_or_else(|| format!("request blocked by prompt guard rule {name}"));
+        RuleAction::Reject { status: u32::try_from(status).unwrap_or(403), message }
+    } else {
+        if r.has("status") || r.has("message") {
+            return Err(r.err("status", format!("rule {name:?}: status and message are only for action reject")));
+        }
+        let rep = match (replacement, mask_char) {
+            (Some(_), Some(_)) => {
+                return Err(r.err("replacement", format!("rule {name:?}: set replacement or mask_char, not both")))
+            }
+            (Some(t), None) => Replacement::Text(t),
+            (None, Some(c)) => Replacement::EachChar(c),
+            (None, None) => Replacement::EachChar('X'),
+        };
+        if response {
+            match max_match_len {
+                None => {
+                    return Err(r.err(
+                        field,
+                        format!(
+                            "rule {name:?}: the pattern can match unboundedly long text, so a stream cannot be masked with a bounded hold-back; use bounded repetitions (e.g. \\d{{1,20}} instead of \\d+) or set max_match_len"
+                        ),
+                    ))
+                }
+                Some(n) if n > MAX_HOLD_BACK => {
+                    return Err(r.err(
+                        field,
+                        format!("rule {name:?}: longest match is {n} bytes, above the {MAX_HOLD_BACK}-byte hold-back limit; set a smaller max_match_len"),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        RuleAction::Mask(rep)
+    };
+    Ok((GuardRule { name, action, regex, check, max_match_len }, pattern))
 }
 
 #[cfg(test)]
@@ -467,14 +374,26 @@ mod tests {
             "policies.p.request_rules[0].action"
         );
         assert_eq!(
+            err(r#"{"policies":{"p":{"request_rules":[{"name":"a","phrase":"x"}]}}}"#).field,
+            "policies.p.request_rules[0].action"
+        );
+        assert_eq!(
             err(r#"{"policies":{"p":{"webhook":{"cluster":"c","timeout":"0"}}}}"#).field,
             "policies.p.webhook.timeout"
         );
+        assert_eq!(err(r#"{"policies":{"p":{"webhook":{"path":"/x"}}}}"#).field, "policies.p.webhook.cluster");
         assert_eq!(err(r#"{"policies":{"p":{"unknown":1}}}"#).field, "policies.p.unknown");
+        assert_eq!(err(r#"{"policies":{"p":{}},"extra":1}"#).field, "extra");
+        assert_eq!(
+            err(r#"{"policies":{"p":{"request_rules":[{"name":"a","phrase":"x","action":"mask","mask_char":"ab"}]}}}"#)
+                .field,
+            "policies.p.request_rules[0].mask_char"
+        );
         let dup = err(
             r#"{"policies":{"p":{"request_rules":[{"builtin":"email","action":"mask"},{"builtin":"email","action":"mask"}]}}}"#,
         );
         assert_eq!(dup.field, "policies.p.request_rules[1].name");
+        assert_eq!(err(r#"{"policies":{"p":{"roles":[]}}}"#).field, "policies.p.roles");
     }
 
     #[test]

@@ -1,13 +1,15 @@
-//! Where text lives in chat requests and responses, and the guard pass over it.
+//! The guard pass over a body's texts. Which texts a request or an answer has, in every
+//! format, is core's knowledge (`sluice_core::api::visit_request_texts` /
+//! `visit_response_texts`); this module only scans what those visit.
 //!
-//! Request: every message whose role is inspected (all by default): `content` as a string
-//! or as an array of parts (every part's `text` string), `tool_calls[].function.arguments`,
-//! the legacy `function_call.arguments`, tool results (role `tool`/`function`: their
-//! content), and the legacy completions `prompt` (string or array of strings).
-//! Each text is scanned on its own: text split across two places is not joined.
+//! Two passes (see `rules`): the joined pre-filter over every text at once, then, only when it
+//! found candidate rules, each text on its own with those rules. Each text is still decided
+//! **on its own**: text split across two places is not joined into one match.
 
+use crate::logprobs;
 use crate::rules::{RuleAction, RuleSet};
 use serde_json::Value;
+use sluice_core::api;
 
 /// Outcome of guarding one body.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -21,7 +23,8 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    fn add(&mut self, rules: &[usize]) {
+    /// Add matched rules (kept sorted and unique).
+    pub fn add(&mut self, rules: &[usize]) {
         for r in rules {
             if let Err(pos) = self.matched.binary_search(r) {
                 self.matched.insert(pos, *r);
@@ -30,87 +33,19 @@ impl Verdict {
     }
 }
 
-fn visit_content(content: &mut Value, f: &mut dyn FnMut(&mut String)) {
-    match content {
-        Value::String(s) => f(s),
-        Value::Array(parts) => {
-            for part in parts {
-                match part {
-                    Value::String(s) => f(s),
-                    Value::Object(obj) => {
-                        if let Some(Value::String(s)) = obj.get_mut("text") {
-                            f(s);
-                        }
-                        // Nested tool-result content (Anthropic-style parts).
-                        if let Some(inner) = obj.get_mut("content") {
-                            visit_content(inner, f);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-        _ => {}
-    }
-}
-
-fn visit_arguments(obj: &mut serde_json::Map<String, Value>, f: &mut dyn FnMut(&mut String)) {
-    if let Some(Value::Array(calls)) = obj.get_mut("tool_calls") {
-        for call in calls {
-            if let Some(Value::String(args)) = call.pointer_mut("/function/arguments") {
-                f(args);
-            }
-        }
-    }
-    if let Some(Value::String(args)) = obj.get_mut("function_call").and_then(|fc| fc.get_mut("arguments")) {
-        f(args);
-    }
-}
-
-/// Visit every inspected text of a request body.
-pub fn visit_request(body: &mut Value, roles: Option<&[String]>, f: &mut dyn FnMut(&mut String)) {
-    let Value::Object(root) = body else { return };
-    if let Some(Value::Array(messages)) = root.get_mut("messages") {
-        for msg in messages {
-            let Value::Object(m) = msg else { continue };
-            let role = m.get("role").and_then(Value::as_str).unwrap_or("");
-            if let Some(roles) = roles {
-                if !roles.iter().any(|r| r == role) {
-                    continue;
-                }
-            }
-            if let Some(content) = m.get_mut("content") {
-                visit_content(content, f);
-            }
-            visit_arguments(m, f);
-        }
-    }
-    if let Some(prompt) = root.get_mut("prompt") {
-        visit_content(prompt, f);
-    }
-}
-
-/// Visit every text of a non-streaming chat response (`choices[].message.content`, its
-/// tool-call arguments, and legacy `choices[].text`).
-pub fn visit_response(body: &mut Value, f: &mut dyn FnMut(&mut String)) {
-    let Some(Value::Array(choices)) = body.get_mut("choices") else { return };
-    for choice in choices {
-        let Value::Object(c) = choice else { continue };
-        if let Some(Value::Object(msg)) = c.get_mut("message") {
-            if let Some(content) = msg.get_mut("content") {
-                visit_content(content, f);
-            }
-            visit_arguments(msg, f);
-        }
-        if let Some(Value::String(t)) = c.get_mut("text") {
-            f(t);
-        }
-    }
-}
-
-/// Scan one text; mask it in place when `apply` and no reject has been seen.
-pub fn guard_text(rules: &RuleSet, text: &mut String, apply: bool, verdict: &mut Verdict) {
-    let found = rules.scan(text);
+/// Scan one text (with the rules among `candidates`, or all when `None`); mask it in place
+/// when `apply` and no reject has been seen.
+pub fn guard_text(
+    rules: &RuleSet,
+    text: &mut String,
+    candidates: Option<&[usize]>,
+    apply: bool,
+    verdict: &mut Verdict,
+) {
+    let found = match candidates {
+        Some(c) => rules.scan_among(text, c),
+        None => rules.scan(text),
+    };
     if found.matched.is_empty() {
         return;
     }
@@ -131,16 +66,140 @@ pub fn guard_text(rules: &RuleSet, text: &mut String, apply: bool, verdict: &mut
     }
 }
 
-/// Guard a request body (masking in place when `apply`).
-pub fn guard_request(body: &mut Value, rules: &RuleSet, roles: Option<&[String]>, apply: bool) -> Verdict {
+/// Up to this many texts a body is scanned text by text (see `guard_texts`).
+const FEW_TEXTS: usize = 4;
+
+/// Calls its argument on every text of one body (a core visitor over that body).
+pub type Visit<'a> = dyn FnMut(&mut dyn FnMut(&mut String)) + 'a;
+
+/// A body's texts, visited by `visit` (called once or twice), guarded with `rules`.
+pub fn guard_texts(rules: &RuleSet, apply: bool, visit: &mut Visit<'_>) -> Verdict {
     let mut v = Verdict::default();
-    visit_request(body, roles, &mut |t| guard_text(rules, t, apply, &mut v));
+    if rules.is_empty() {
+        return v;
+    }
+    let mut joined = String::new();
+    let mut texts = 0usize;
+    if rules.joinable() {
+        visit(&mut |t| {
+            texts += 1;
+            joined.push_str(t);
+            joined.push('\n');
+        });
+    }
+    if !rules.joinable() || texts <= FEW_TEXTS {
+        // Few texts: one set pass each costs the same as the joined pass, without a second
+        // scan of a text that matched.
+        visit(&mut |t| guard_text(rules, t, None, apply, &mut v));
+        return v;
+    }
+    let candidates = rules.candidates(&joined);
+    if candidates.is_empty() {
+        return v;
+    }
+    visit(&mut |t| guard_text(rules, t, Some(&candidates), apply, &mut v));
     v
 }
 
-/// Guard a non-streaming response body (mask rules only).
+/// Guard a request body (masking in place when `apply`): every text the model reads.
+pub fn guard_request(body: &mut Value, rules: &RuleSet, roles: Option<&[String]>, apply: bool) -> Verdict {
+    guard_texts(rules, apply, &mut |f| api::visit_request_texts(body, roles, f))
+}
+
+/// Guard a non-streaming answer (mask rules only): every generated text, and the tokens of
+/// its log-probabilities.
 pub fn guard_response(body: &mut Value, rules: &RuleSet, apply: bool) -> Verdict {
-    let mut v = Verdict::default();
-    visit_response(body, &mut |t| guard_text(rules, t, apply, &mut v));
+    let mut v = guard_texts(rules, apply, &mut |f| api::visit_response_texts(body, f));
+    logprobs::mask(body, rules, apply, &mut v);
     v
+}
+
+/// Guard a plain-text answer: the masked text when something was masked.
+pub fn guard_plain(text: &str, rules: &RuleSet, apply: bool, v: &mut Verdict) -> Option<String> {
+    let mut t = text.to_string();
+    let mut one = Verdict::default();
+    guard_text(rules, &mut t, None, apply, &mut one);
+    v.add(&one.matched);
+    v.changed |= one.changed;
+    one.changed.then_some(t)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use serde_json::json;
+
+    fn rules() -> RuleSet {
+        let c = Config::from_json(
+            br#"{"policies":{"p":{"request_rules":[
+                {"name":"cc","phrase":"credit card","case_insensitive":true,"action":"reject"},
+                {"builtin":"credit_card","action":"mask"},
+                {"builtin":"email","action":"mask","replacement":"<email>"}]}}}"#,
+        )
+        .unwrap();
+        c.policy("p").unwrap().request.clone()
+    }
+
+    #[test]
+    fn every_text_the_model_reads_is_guarded() {
+        let r = rules();
+        let bodies = [
+            json!({"messages": [{"role": "user", "name": "credit card", "content": "hi"}]}),
+            json!({"tools": [{"type": "function", "function": {"name": "f", "description": "Ask for a credit card"}}]}),
+            json!({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                "properties": {"credit card": {"type": "string"}}}}}]}),
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object",
+                "properties": {"q": {"type": "string", "description": "the credit card"}}}}}}),
+            json!({"prediction": {"type": "content", "content": "credit card"}}),
+            json!({"messages": [{"role": "assistant", "content": [{"type": "refusal", "refusal": "no credit card"}]}]}),
+            json!({"model": "m", "input": [{"role": "user", "content": [{"type": "input_text", "text": "credit card"}]}]}),
+            json!({"model": "m", "instructions": "credit card", "input": "hi"}),
+            json!({"model": "m", "input": ["fine", "credit card"]}),
+            json!({"model": "m", "prompt": ["fine", "credit card"]}),
+            json!({"model": "m", "system": [{"type": "text", "text": "credit card"}], "messages": []}),
+        ];
+        for (i, mut b) in bodies.into_iter().enumerate() {
+            let v = guard_request(&mut b, &r, None, true);
+            assert_eq!(v.reject, Some(0), "case {i}: {b}");
+        }
+    }
+
+    #[test]
+    fn the_prefilter_skips_clean_bodies_and_masks_in_place() {
+        let r = rules();
+        let mut clean = json!({"messages": [{"role": "user", "content": "hello"}], "tools": [{"function":
+            {"name": "f", "parameters": {"properties": {"a": {}, "b": {}}}}}]});
+        let copy = clean.clone();
+        assert_eq!(guard_request(&mut clean, &r, None, true), Verdict::default());
+        assert_eq!(clean, copy);
+        let mut b = json!({"messages": [{"role": "user", "content": "mail a@b.example"}, {"role": "user", "content": "card 4111111111111111 123"}]});
+        let v = guard_request(&mut b, &r, None, true);
+        assert!(v.changed && v.reject.is_none());
+        assert_eq!(b["messages"][0]["content"], "mail <email>");
+        assert_eq!(b["messages"][1]["content"], "card XXXXXXXXXXXXXXXX 123");
+    }
+
+    #[test]
+    fn answers_of_every_format_are_masked() {
+        let r = rules();
+        let card = "4111 1111 1111 1111";
+        let bodies = [
+            json!({"choices": [{"message": {"content": card}}]}),
+            json!({"choices": [{"message": {"content": null, "refusal": card}}]}),
+            json!({"choices": [{"message": {"content": "x", "reasoning_content": card}}]}),
+            json!({"choices": [{"message": {"content": "x", "reasoning": card}}]}),
+            json!({"choices": [{"message": {"audio": {"id": "a", "data": "QUJD", "transcript": card}}}]}),
+            json!({"choices": [{"message": {"tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": card}}]}}]}),
+            json!({"choices": [{"text": card}]}),
+            json!({"output": [{"type": "message", "content": [{"type": "output_text", "text": card}]}]}),
+            json!({"content": [{"type": "text", "text": card}]}),
+        ];
+        for (i, mut b) in bodies.into_iter().enumerate() {
+            let v = guard_response(&mut b, &r, true);
+            assert!(v.changed, "case {i}");
+            assert!(!b.to_string().contains("4111"), "case {i}: {b}");
+        }
+    }
 }

@@ -1,38 +1,60 @@
-//! Masking an SSE chat stream without buffering it.
+//! Masking an SSE answer without buffering it, in every format core knows.
 //!
-//! Network chunks go through core's `SseParser`, so a partial event waits for its end.
-//! For each choice, `delta.content` is appended to a pending text; everything except the
-//! last `hold` bytes (the longest possible match) is masked and emitted in the same event,
-//! so a match split across events or chunks is always seen whole. A match that straddles
-//! the cut keeps the cut before it. Held text goes out with the choice's finish event, or
-//! in an extra chunk before `[DONE]` / at the end of the stream. Events this filter does not
-//! change are forwarded byte for byte.
+//! The pipeline parses the events once; core's `api::visit_stream_event` says which text
+//! pieces an event carries and which channel each continues (a chat choice's `content`,
+//! `reasoning_content`, `refusal`, audio transcript or tool-call arguments; a Responses output
+//! part; a Messages content block). Per channel the not-yet-sent text is kept; of the text
+//! pending after each event everything except the last `hold` bytes (the longest possible
+//! match) is masked and sent in that event, so a match split across events or network chunks
+//! is always seen whole. A match that straddles the cut keeps the cut before it. Matches are
+//! searched from the cut on, as if the text began there, but the text already sent is kept
+//! as look-behind context (up to `hold` bytes, unmasked): `\b` and the built-ins' checks see
+//! the real characters before the cut, so a cut never creates a word boundary.
+//!
+//! When a channel ends (chat `finish_reason`, Responses `*.done`, Messages
+//! `content_block_stop`) its held text goes out in the same event when that event carries
+//! a delta of the channel, else in a delta event inserted just before it
+//! (`api::delta_event`); at `[DONE]` or the end of the stream everything still held goes out
+//! the same way. Complete texts (Responses `*.done` and `response.completed`, Messages
+//! `content_block_start`) are masked whole. Events the masker does not change pass byte for
+//! byte; a data line that is not JSON is masked as plain text.
 
-use crate::rules::RuleSet;
-use serde_json::{Map, Value};
-use sluice_core::sse::{SseEvent, SseParser};
+use crate::logprobs;
+use crate::rules::{RuleSet, Span};
+use serde_json::Value;
+use sluice_core::api::{self, Api, Channel, Piece};
+use sluice_core::exchange::{Chunk, Event};
+use sluice_core::json;
+use sluice_core::sse::SseEvent;
 use std::collections::BTreeMap;
 
-/// Per-stream masking state.
 #[derive(Debug, Default)]
-pub struct StreamMasker {
-    parser: SseParser,
-    /// Not-yet-emitted text per choice index.
-    pending: BTreeMap<u64, String>,
-    /// `id`, `object`, `created`, `model`… of the last chunk, for extra chunks.
-    template: Map<String, Value>,
-    hold: usize,
-    /// Rules that masked something, sorted.
-    pub applied: Vec<usize>,
-    /// Rules that matched (even in shadow mode), sorted.
-    pub matched: Vec<usize>,
-    apply: bool,
+struct Pending {
+    /// Text received but not sent yet (unmasked).
+    text: String,
+    /// The last `hold` bytes already sent, unmasked (scan context).
+    sent: String,
 }
 
-fn add_sorted(v: &mut Vec<usize>, items: &[usize]) {
+/// Per-stream masking state.
+#[derive(Debug)]
+pub struct StreamMasker {
+    api: Api,
+    hold: usize,
+    apply: bool,
+    channels: BTreeMap<Channel, Pending>,
+    /// The last event that carried a delta: ids and model for inserted events.
+    template: Value,
+    /// Rules that masked something, sorted.
+    pub applied: Vec<usize>,
+    /// Rules that matched (also in shadow mode), sorted.
+    pub matched: Vec<usize>,
+}
+
+fn add_sorted(v: &mut Vec<usize>, items: impl IntoIterator<Item = usize>) {
     for i in items {
-        if let Err(pos) = v.binary_search(i) {
-            v.insert(pos, *i);
+        if let Err(pos) = v.binary_search(&i) {
+            v.insert(pos, i);
         }
     }
 }
@@ -45,278 +67,273 @@ fn floor_boundary(s: &str, mut at: usize) -> usize {
     at
 }
 
+fn ceil_boundary(s: &str, mut at: usize) -> usize {
+    while at < s.len() && !s.is_char_boundary(at) {
+        at += 1;
+    }
+    at.min(s.len())
+}
+
+/// Whether an `End` piece closes `c` (`*`: every field of its index).
+fn ends(end: &Channel, c: &Channel) -> bool {
+    end.index == c.index && (end.field == "*" || end.field == c.field)
+}
+
 impl StreamMasker {
-    /// A masker holding back `hold` bytes; `apply = false` only counts (shadow mode).
-    pub fn new(hold: usize, apply: bool) -> Self {
-        Self { hold, apply, ..Self::default() }
-    }
-
-    /// Feed one network chunk; returns the bytes to forward now.
-    pub fn feed(&mut self, rules: &RuleSet, chunk: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(chunk.len());
-        for ev in self.parser.feed(chunk) {
-            self.event(rules, ev, &mut out);
+    /// A masker for answers of `api`, holding back `hold` bytes; `apply = false` only counts
+    /// (shadow mode).
+    pub fn new(api: Api, hold: usize, apply: bool) -> Self {
+        Self {
+            api,
+            hold,
+            apply,
+            channels: BTreeMap::new(),
+            template: Value::Null,
+            applied: Vec::new(),
+            matched: Vec::new(),
         }
-        out
-    }
-
-    /// End of stream: the rest, with held text in an extra chunk.
-    pub fn finish(&mut self, rules: &RuleSet) -> Vec<u8> {
-        let mut out = Vec::new();
-        for ev in self.parser.finish() {
-            self.event(rules, ev, &mut out);
-        }
-        self.flush_all(rules, &mut out);
-        out.extend(self.parser.take_pending());
-        out
     }
 
     /// Bytes of text currently held back.
     pub fn held_bytes(&self) -> usize {
-        self.pending.values().map(String::len).sum()
+        self.channels.values().map(|p| p.text.len()).sum()
     }
 
-    fn event(&mut self, rules: &RuleSet, ev: SseEvent, out: &mut Vec<u8>) {
-        if ev.is_done() {
-            self.flush_all(rules, out);
-            out.extend_from_slice(&ev.raw);
-            return;
-        }
-        let Ok(Value::Object(mut obj)) = serde_json::from_str::<Value>(&ev.data) else {
-            out.extend_from_slice(&ev.raw);
-            return;
-        };
-        let changed = self.rewrite_chunk(rules, &mut obj);
-        if !changed {
-            out.extend_from_slice(&ev.raw);
-            return;
-        }
-        let data = serde_json::to_string(&Value::Object(obj)).unwrap_or_default();
-        let rewritten = SseEvent { data, event: ev.event, id: ev.id, retry: ev.retry, raw: Vec::new() };
-        out.extend(rewritten.to_bytes());
-    }
-
-    /// Returns true when the chunk was changed.
-    fn rewrite_chunk(&mut self, rules: &RuleSet, obj: &mut Map<String, Value>) -> bool {
-        for key in ["id", "object", "created", "model", "system_fingerprint", "service_tier"] {
-            if let Some(v) = obj.get(key) {
-                self.template.insert(key.to_string(), v.clone());
-            }
-        }
-        let Some(Value::Array(choices)) = obj.get_mut("choices") else { return false };
+    /// Mask the events of one chunk in place (inserting flush events where needed).
+    pub fn on_chunk(&mut self, rules: &RuleSet, chunk: &mut Chunk) {
+        let events = std::mem::take(&mut chunk.events);
+        let mut out = Vec::with_capacity(events.len() + 1);
         let mut changed = false;
-        for (pos, choice) in choices.iter_mut().enumerate() {
-            let Value::Object(c) = choice else { continue };
-            let index = c.get("index").and_then(Value::as_u64).unwrap_or(pos as u64);
-            let finished = c.get("finish_reason").is_some_and(|f| !f.is_null());
-            let Some(Value::Object(delta)) = c.get_mut("delta") else { continue };
-            let incoming = match delta.get("content") {
-                Some(Value::String(s)) => Some(s.clone()),
-                _ => None,
-            };
-            let has_pending = self.pending.get(&index).is_some_and(|p| !p.is_empty());
-            if incoming.is_none() && !(finished && has_pending) {
+        for mut ev in events {
+            if ev.is_done() {
+                changed |= self.flush(rules, None, &mut out);
+                out.push(ev);
                 continue;
             }
-            let pending = self.pending.entry(index).or_default();
-            if let Some(s) = &incoming {
-                pending.push_str(s);
+            if ev.json.is_none() {
+                changed |= self.plain_event(rules, &mut ev);
+                out.push(ev);
+                continue;
             }
-            let text = std::mem::take(pending);
-            let (emit, keep) = self.split(rules, text, finished);
-            if let Some(p) = self.pending.get_mut(&index) {
-                *p = keep;
+            changed |= self.json_event(rules, &mut ev, &mut out);
+            out.push(ev);
+        }
+        if chunk.end {
+            changed |= self.flush(rules, None, &mut out);
+        }
+        chunk.events = out;
+        if changed {
+            chunk.events_changed = true;
+        }
+    }
+
+    /// A data line that is not JSON: masked whole.
+    fn plain_event(&mut self, rules: &RuleSet, ev: &mut Event) -> bool {
+        let Some((masked, applied)) = rules.mask(&ev.sse.data) else { return false };
+        add_sorted(&mut self.matched, applied.iter().copied());
+        if !self.apply {
+            return false;
+        }
+        add_sorted(&mut self.applied, applied);
+        let mut sse = SseEvent { data: masked, raw: Vec::new(), ..ev.sse.clone() };
+        sse.raw = sse.to_bytes();
+        *ev = Event::new(sse);
+        true
+    }
+
+    fn json_event(&mut self, rules: &RuleSet, ev: &mut Event, out: &mut Vec<Event>) -> bool {
+        let api = self.api;
+        let name = ev.sse.event.clone();
+        let Some(data) = ev.json.as_mut() else { return false };
+        if !matches!(api, Api::Chat | Api::Completions | Api::Responses | Api::Messages) {
+            // A format core does not know: every string of each event, masked whole.
+            return self.whole_event(rules, ev);
+        }
+        // Pass 1: which channels end with this event.
+        let mut closing: Vec<Channel> = Vec::new();
+        api::visit_stream_event(api, name.as_deref(), data, &mut |p| {
+            if let Piece::End(c) = p {
+                closing.push(c);
             }
-            if incoming.as_deref() != Some(emit.as_str()) {
-                changed = true;
+        });
+        // Pass 2: deltas (held back unless their channel ends here) and whole texts.
+        let mut changed = false;
+        let mut had_delta = false;
+        api::visit_stream_event(api, name.as_deref(), data, &mut |p| match p {
+            Piece::Delta(c, t) => {
+                had_delta = true;
+                let last = closing.iter().any(|e| ends(e, &c));
+                let pending = self.channels.entry(c).or_default();
+                let emit = split(rules, pending, t, last, self.hold, self.apply, &mut self.matched, &mut self.applied);
+                if emit != *t {
+                    *t = emit;
+                    changed = true;
+                }
             }
-            delta.insert("content".to_string(), Value::String(emit));
+            Piece::Whole(t) => {
+                if let Some((masked, applied)) = rules.mask(t) {
+                    add_sorted(&mut self.matched, applied.iter().copied());
+                    if self.apply {
+                        add_sorted(&mut self.applied, applied);
+                        *t = masked;
+                        changed = true;
+                    }
+                }
+            }
+            Piece::End(_) => {}
+        });
+        if self.apply {
+            changed |= logprobs::strip(data);
+        }
+        if had_delta || self.template.is_null() {
+            self.template = data.clone();
+        }
+        // Channels that end here without a delta in this event: their held text goes first.
+        let mut inserted = false;
+        for end in &closing {
+            inserted |= self.flush(rules, Some(end), out);
+        }
+        if changed {
+            let _ = ev.json_mut(); // re-serialized by the pipeline
+        }
+        (changed && self.apply) || inserted
+    }
+
+    fn whole_event(&mut self, rules: &RuleSet, ev: &mut Event) -> bool {
+        let Some(data) = ev.json.as_mut() else { return false };
+        let mut changed = false;
+        api::visit_response_texts(data, &mut |t| {
+            if let Some((masked, applied)) = rules.mask(t) {
+                add_sorted(&mut self.matched, applied.iter().copied());
+                if self.apply {
+                    add_sorted(&mut self.applied, applied);
+                    *t = masked;
+                    changed = true;
+                }
+            }
+        });
+        if self.apply {
+            changed |= logprobs::strip(data);
+        }
+        if changed {
+            let _ = ev.json_mut();
         }
         changed
     }
 
-    /// Split pending text into (masked text to emit now, text to keep).
-    fn split(&mut self, rules: &RuleSet, text: String, all: bool) -> (String, String) {
-        let found = rules.scan(&text);
-        add_sorted(&mut self.matched, &found.matched);
-        let spans = if found.matched.is_empty() { Vec::new() } else { rules.mask_spans(&text, &found.matched) };
-        let mut cut = if all { text.len() } else { floor_boundary(&text, text.len().saturating_sub(self.hold)) };
-        for s in &spans {
-            if s.start < cut && s.end > cut && !all {
-                cut = s.start;
-            }
-        }
-        let emit_spans: Vec<_> = spans.into_iter().filter(|s| s.end <= cut).collect();
-        let (head, tail) = text.split_at(cut);
-        let emitted = if self.apply && !emit_spans.is_empty() {
-            let rs: Vec<usize> = emit_spans.iter().map(|s| s.rule).collect();
-            add_sorted(&mut self.applied, &rs);
-            rules.apply_spans(head, &emit_spans)
-        } else {
-            head.to_string()
-        };
-        (emitted, tail.to_string())
-    }
-
-    fn flush_all(&mut self, rules: &RuleSet, out: &mut Vec<u8>) {
-        let pending = std::mem::take(&mut self.pending);
-        for (index, text) in pending {
-            if text.is_empty() {
+    /// Send the held text of the channels `end` closes (all when `None`) as inserted delta
+    /// events. Returns true when an event was inserted.
+    fn flush(&mut self, rules: &RuleSet, end: Option<&Channel>, out: &mut Vec<Event>) -> bool {
+        let keys: Vec<Channel> = self
+            .channels
+            .iter()
+            .filter(|(c, p)| !p.text.is_empty() && end.is_none_or(|e| ends(e, c)))
+            .map(|(c, _)| c.clone())
+            .collect();
+        let mut inserted = false;
+        for c in keys {
+            let Some(pending) = self.channels.get_mut(&c) else { continue };
+            let text = split(rules, pending, "", true, self.hold, self.apply, &mut self.matched, &mut self.applied);
+            let v = api::delta_event(self.api, &self.template, &c, text);
+            if v.is_null() {
                 continue;
             }
-            let (emit, _) = self.split(rules, text, true);
-            let mut chunk = self.template.clone();
-            chunk.entry("object").or_insert_with(|| Value::String("chat.completion.chunk".into()));
-            chunk.insert(
-                "choices".to_string(),
-                serde_json::json!([{ "index": index, "delta": { "content": emit }, "finish_reason": null }]),
-            );
-            let data = serde_json::to_string(&Value::Object(chunk)).unwrap_or_default();
-            out.extend(SseEvent::data_event(&data).raw);
+            out.push(Event::from_json(api::event_name(self.api, &v), v));
+            inserted = true;
+        }
+        match end {
+            Some(e) => self.channels.retain(|c, _| !ends(e, c)),
+            None => self.channels.clear(),
+        }
+        inserted
+    }
+}
+
+/// Whether a body that is not labelled `text/event-stream` is one anyway (a stream behind a
+/// wrong or missing content type): its first line is an SSE field.
+pub fn looks_like_sse(text: &str) -> bool {
+    let first = text.trim_start_matches(['\u{feff}', '\r', '\n']);
+    ["data:", "event:", "id:", "retry:", ":"].iter().any(|f| first.starts_with(f))
+}
+
+/// Mask a whole buffered body that is an SSE stream (`looks_like_sse`), as the stream
+/// masker would have event by event. Returns the new body when something changed; matches
+/// go into `matched`.
+pub fn mask_whole(api: Api, rules: &RuleSet, body: &[u8], apply: bool, matched: &mut Vec<usize>) -> Option<Vec<u8>> {
+    let mut parser = sluice_core::sse::SseParser::new();
+    let mut raw = parser.feed(body);
+    raw.extend(parser.finish());
+    let mut chunk = Chunk { end: true, events: raw.into_iter().map(Event::new).collect(), ..Chunk::default() };
+    let mut m = StreamMasker::new(api, rules.max_mask_len(), apply);
+    m.on_chunk(rules, &mut chunk);
+    add_sorted(matched, m.matched.iter().copied());
+    if m.matched.is_empty() || !apply {
+        return None; // nothing to mask: the bytes stay the provider's
+    }
+    if !chunk.events_changed && chunk.events.iter().all(|e| e.bytes() == e.sse.raw) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(body.len());
+    for ev in &chunk.events {
+        out.extend(ev.bytes());
+    }
+    out.extend(parser.take_pending());
+    Some(out)
+}
+
+/// Add `incoming` to the channel's pending text and return what to send now: all of it
+/// when `last`, else all but the last `hold` bytes (or up to the start of a match that
+/// straddles that cut), masked.
+#[allow(clippy::too_many_arguments)]
+fn split(
+    rules: &RuleSet,
+    p: &mut Pending,
+    incoming: &str,
+    last: bool,
+    hold: usize,
+    apply: bool,
+    matched: &mut Vec<usize>,
+    applied: &mut Vec<usize>,
+) -> String {
+    p.text.push_str(incoming);
+    let ctx = p.sent.len();
+    let scan = format!("{}{}", p.sent, p.text);
+    // Matches start in the pending text (as before the cut); the text already sent is only
+    // look-behind context, so a cut never makes a word boundary that is not there.
+    let found = rules.scan_from(&scan, ctx);
+    let spans: Vec<Span> = if found.matched.is_empty() {
+        Vec::new()
+    } else {
+        rules
+            .mask_spans_from(&scan, &found.matched, ctx)
+            .into_iter()
+            .map(|s| Span { start: s.start.saturating_sub(ctx), end: s.end.saturating_sub(ctx), rule: s.rule })
+            .collect()
+    };
+    add_sorted(matched, spans.iter().map(|s| s.rule));
+    let mut cut = if last { p.text.len() } else { floor_boundary(&p.text, p.text.len().saturating_sub(hold)) };
+    if !last {
+        if let Some(s) = spans.iter().find(|s| s.start < cut && s.end > cut) {
+            cut = s.start;
         }
     }
+    let emit: Vec<Span> = spans.into_iter().filter(|s| s.end <= cut).collect();
+    let rest = p.text.split_off(cut);
+    let head = std::mem::replace(&mut p.text, rest);
+    let out = if apply && !emit.is_empty() {
+        add_sorted(applied, emit.iter().map(|s| s.rule));
+        rules.apply_spans(&head, &emit)
+    } else {
+        head.clone()
+    };
+    p.sent.push_str(&head);
+    if p.sent.len() > hold {
+        let from = ceil_boundary(&p.sent, p.sent.len() - hold);
+        p.sent = json::cut(p.sent.get(from..).unwrap_or_default(), hold).to_string();
+    }
+    out
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
-mod tests {
-    use super::*;
-    use crate::config::Config;
-
-    fn rules() -> RuleSet {
-        let c = Config::from_json(
-            br#"{"policies":{"p":{"response_rules":[
-                {"name":"mastercard","regex":"5[1-5][0-9]{2}[ -]?[0-9]{4}[ -]?[0-9]{4}[ -]?[0-9]{4}","action":"mask"},
-                {"builtin":"email","action":"mask","replacement":"[email]"}]}}}"#,
-        )
-        .unwrap();
-        c.policies["p"].response.clone()
-    }
-
-    fn sse_stream(pieces: &[&str]) -> Vec<u8> {
-        let mut s = String::new();
-        let head = r#""id":"c1","object":"chat.completion.chunk","created":1,"model":"m""#;
-        s.push_str(&format!("data: {{{head},\"choices\":[{{\"index\":0,\"delta\":{{\"role\":\"assistant\",\"content\":\"\"}},\"finish_reason\":null}}]}}\n\n"));
-        for p in pieces {
-            let c = serde_json::to_string(p).unwrap();
-            s.push_str(&format!("data: {{{head},\"choices\":[{{\"index\":0,\"delta\":{{\"content\":{c}}},\"finish_reason\":null}}]}}\n\n"));
-        }
-        s.push_str(&format!(
-            "data: {{{head},\"choices\":[{{\"index\":0,\"delta\":{{}},\"finish_reason\":\"stop\"}}]}}\n\n"
-        ));
-        s.push_str("data: [DONE]\n\n");
-        s.into_bytes()
-    }
-
-    /// Content of every event, in order, and whether [DONE] came last.
-    fn contents(bytes: &[u8]) -> (Vec<String>, bool) {
-        let mut p = SseParser::new();
-        let evs = p.feed(bytes);
-        let done_last = evs.last().is_some_and(SseEvent::is_done);
-        let mut out = Vec::new();
-        for e in evs {
-            if e.is_done() {
-                continue;
-            }
-            let v: Value = serde_json::from_str(&e.data).unwrap();
-            for c in v["choices"].as_array().unwrap() {
-                if let Some(s) = c["delta"]["content"].as_str() {
-                    out.push(s.to_string());
-                }
-            }
-        }
-        (out, done_last)
-    }
-
-    fn run(stream: &[u8], chunk: usize) -> Vec<u8> {
-        let rules = rules();
-        let mut m = StreamMasker::new(rules.max_mask_len(), true);
-        let mut out = Vec::new();
-        for c in stream.chunks(chunk.max(1)) {
-            out.extend(m.feed(&rules, c));
-        }
-        out.extend(m.finish(&rules));
-        out
-    }
-
-    #[test]
-    fn card_split_across_events_and_chunks_is_masked() {
-        let text = "Try 5555 5555 5555 4444 or mail a@b.example now.";
-        let pieces = ["Try 5555 55", "55 5555 44", "44 or mail a@b", ".example now."];
-        let stream = sse_stream(&pieces);
-        for chunk in [1, 2, 3, 7, 13, 64, 100_000] {
-            let out = run(&stream, chunk);
-            let (parts, done_last) = contents(&out);
-            assert!(done_last, "chunk {chunk}");
-            let joined: String = parts.concat();
-            assert_eq!(joined, "Try XXXXXXXXXXXXXXXXXXX or mail [email] now.", "chunk {chunk}");
-            for p in &parts {
-                assert!(!p.chars().any(|c| c.is_ascii_digit()), "digit leaked in {p:?} (chunk {chunk})");
-            }
-            assert_ne!(text, joined);
-        }
-    }
-
-    #[test]
-    fn clean_stream_passes_byte_for_byte_except_hold_back() {
-        let stream = sse_stream(&["Hello", " world"]);
-        let out = run(&stream, 5);
-        let (parts, _) = contents(&out);
-        assert_eq!(parts.concat(), "Hello world");
-        // Text longer than the hold-back flows without waiting for the end.
-        let rules = rules();
-        let mut m = StreamMasker::new(rules.max_mask_len(), true);
-        let long = "a".repeat(500);
-        let out = m.feed(&rules, &sse_stream(&[&long])[..]);
-        let (parts, _) = contents(&out);
-        assert!(parts.concat().len() >= 500 - rules.max_mask_len());
-    }
-
-    #[test]
-    fn held_text_is_flushed_before_done_without_finish_event() {
-        let s = "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"card 5555555555554444\"}}]}\n\ndata: [DONE]\n\n";
-        let out = run(s.as_bytes(), 4);
-        let (parts, done_last) = contents(&out);
-        assert!(done_last);
-        assert_eq!(parts.concat(), "card XXXXXXXXXXXXXXXX");
-    }
-
-    #[test]
-    fn non_json_and_usage_events_pass_unchanged() {
-        let s = ": ping\n\ndata: not json\n\ndata: {\"choices\":[],\"usage\":{\"total_tokens\":3}}\n\ndata: [DONE]\n\n";
-        let out = run(s.as_bytes(), 3);
-        assert_eq!(out, s.as_bytes());
-    }
-
-    #[test]
-    fn unterminated_stream_still_flushes() {
-        let s =
-            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"x 5555 5555 5555 4444\"}}]}\n\ndata: {\"partial";
-        let out = run(s.as_bytes(), 5);
-        let text = String::from_utf8(out).unwrap();
-        assert!(text.contains("x XXXXXXXXXXXXXXXXXXX"), "{text}");
-        assert!(text.ends_with("data: {\"partial"));
-        assert!(!text.contains("4444"));
-    }
-
-    #[test]
-    fn shadow_counts_without_masking() {
-        let rules = rules();
-        let mut m = StreamMasker::new(rules.max_mask_len(), false);
-        let stream = sse_stream(&["5555 5555 5555 4444"]);
-        let mut out = m.feed(&rules, &stream);
-        out.extend(m.finish(&rules));
-        let (parts, _) = contents(&out);
-        assert_eq!(parts.concat(), "5555 5555 5555 4444");
-        assert_eq!(m.matched, vec![0]);
-        assert!(m.applied.is_empty());
-    }
-
-    #[test]
-    fn multibyte_text_is_cut_on_char_boundaries() {
-        let pieces = ["héllo wörld 🎉 ", "5555 5555 5555 4444 ", "ünïcödé"];
-        let out = run(&sse_stream(&pieces), 1);
-        let (parts, _) = contents(&out);
-        assert_eq!(parts.concat(), "héllo wörld 🎉 XXXXXXXXXXXXXXXXXXX ünïcödé");
-    }
-}
+#[path = "stream_tests.rs"]
+mod tests;
