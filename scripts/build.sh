@@ -5,6 +5,7 @@
 cd "$ROOT"
 say "building filters (wasm32-wasip1, release) and the mock provider"
 cargo wasm
+cargo wasm-gateway
 cargo build --release -p sluice-mock-provider
 "$ROOT/scripts/wasm-sizes.sh"
 # The benchmark's do-nothing baseline filter (its own small workspace and target dir), so the

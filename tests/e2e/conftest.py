@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import WORK, Gateway, Mock, clean_workdir  # noqa: E402
+from harness import WORK, Chroma, Gateway, Mock, clean_workdir  # noqa: E402
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -70,3 +70,19 @@ def mock(workdir):
     yield start
     for m in started:
         m.stop()
+
+
+@pytest.fixture
+def chroma(workdir):
+    """chroma() -> a real Chroma server on a free 127.0.0.1 port, data in the test's workdir,
+    stopped (by PID group) after the test; chroma.stop() stops it earlier ("store down")."""
+    started: list[Chroma] = []
+
+    def start(port: int | None = None) -> Chroma:
+        c = Chroma(workdir, port)
+        started.append(c)
+        return c
+
+    yield start
+    for c in started:
+        c.stop()

@@ -215,6 +215,66 @@ class Envoy:
         _stop(self.proc)
 
 
+CHROMA = Path(os.environ.get("SLUICE_CHROMA", VENV_BIN / "chroma"))
+
+
+class Chroma:
+    """A real Chroma vector database (PyPI `chromadb`: `chroma run`) on 127.0.0.1 with its data
+    in a temp dir under the test's workdir; stopped by PID group, also when a test fails."""
+
+    API = "/api/v2/tenants/default_tenant/databases/default_database"
+
+    def __init__(self, workdir: Path, port: int | None = None):
+        self.port = port or free_port()
+        self.path = workdir / f"chroma-{self.port}"
+        self.log_path = workdir / f"chroma-{self.port}.log"
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, ANONYMIZED_TELEMETRY="False", NO_COLOR="1")
+        self.proc = subprocess.Popen(
+            [str(CHROMA), "run", "--path", str(self.path), "--host", "127.0.0.1", "--port", str(self.port)],
+            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True,
+        )
+        try:
+            wait_for(self._heartbeat, 60.0, f"Chroma heartbeat on {self.base}")
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"Chroma did not start; see {self.log_path}")
+
+    def _heartbeat(self) -> bool:
+        if self.proc.poll() is not None:
+            raise GiveUp(f"chroma exited with {self.proc.returncode}")
+        return requests.get(f"{self.base}/api/v2/heartbeat", timeout=1).status_code == 200
+
+    def collection(self, name: str) -> str:
+        """Get or create collection `name` (cosine space); returns its id."""
+        r = requests.post(f"{self.base}{self.API}/collections", timeout=10,
+                          json={"name": name, "get_or_create": True, "configuration": {"hnsw": {"space": "cosine"}}})
+        r.raise_for_status()
+        return r.json()["id"]
+
+    def count(self, name: str) -> int:
+        """Items in collection `name` (0 when it does not exist)."""
+        r = requests.get(f"{self.base}{self.API}/collections/{name}", timeout=10)
+        if r.status_code == 404:
+            return 0
+        r.raise_for_status()
+        c = requests.get(f"{self.base}{self.API}/collections/{r.json()['id']}/count", timeout=10)
+        c.raise_for_status()
+        return int(c.json())
+
+    def get(self, name: str) -> dict:
+        """Every item of collection `name` (ids, documents, metadatas)."""
+        cid = self.collection(name)
+        r = requests.post(f"{self.base}{self.API}/collections/{cid}/get", timeout=10,
+                          json={"include": ["documents", "metadatas"]})
+        r.raise_for_status()
+        return r.json()
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
 def render_config(text: str, port_map: dict[int, int], access_log: str | None = None) -> str:
     def port(m: re.Match) -> str:
         p = int(m.group(2))

@@ -364,6 +364,7 @@ pub struct Exchange {
     pub(crate) body_use: BodyUse,
     pub(crate) response_use: ResponseUse,
     pub(crate) read_response: bool,
+    pub(crate) hold_response: bool,
     pending: Option<u32>,
 }
 
@@ -395,6 +396,22 @@ impl Exchange {
     /// The response use asked for so far.
     pub fn response_use(&self) -> ResponseUse {
         self.response_use
+    }
+
+    /// In `on_response_headers`: hold the response headers until the whole (non-streaming)
+    /// body is there, so a stage can still change them once it read the body (e.g. mark a
+    /// provider error retriable before the router decides). Implies
+    /// `want_response(ResponseUse::Buffer)`; ignored for SSE and for a response that ends with
+    /// its headers. Needs Envoy's `allow_on_headers_stop_iteration: true` (Envoy keeps the
+    /// header map while the filter holds it); keep it to small bodies (error answers).
+    pub fn hold_response_headers(&mut self) {
+        self.want_response(ResponseUse::Buffer);
+        self.hold_response = true;
+    }
+
+    /// Whether a stage asked to hold the response headers.
+    pub fn response_headers_held(&self) -> bool {
+        self.hold_response
     }
 
     /// Record the callout this stage waits for (then return `Flow::Wait`).

@@ -10,7 +10,10 @@
 //! - response headers can be read only while the response headers are being processed (in a
 //!   body or trailers callback Envoy answers `BadArgument`), request headers can be changed
 //!   only before they were forwarded;
-//! - a local reply passes through the replying filter's own response callbacks.
+//! - a local reply passes through the replying filter's own response callbacks;
+//! - response headers a filter holds (its headers callback paused, with
+//!   `allow_on_headers_stop_iteration: true`) stay readable and changeable in its body
+//!   callbacks until it continues (`FakeHost::resp_headers_held`).
 //!
 //! [`CountingHost`] wraps a host and counts the calls that return a value, the expensive kind
 //! in V8 (≈ 2–3.5 µs each, see `docs/benchmarks.md`); tests hold each filter to a budget.
@@ -112,7 +115,15 @@ pub trait Host {
     fn plugin_config(&self) -> Vec<u8>;
     /// Ask for `on_tick` every `period` (root context).
     fn set_tick_period(&mut self, period: Duration);
+    /// Call a host extension function by name (`proxy_call_foreign_function`), e.g. Envoy's
+    /// `clear_route_cache`. `None`: the host does not know the function or it failed;
+    /// `Some(result)` otherwise (often empty).
+    fn call_foreign_function(&mut self, name: &str, args: &[u8]) -> Option<Vec<u8>>;
 }
+
+/// Foreign functions Envoy 1.40 registers for wasm filters (the fake host knows these).
+pub const ENVOY_FOREIGN_FUNCTIONS: &[&str] =
+    &["clear_route_cache", "set_envoy_filter_state", "declare_property", "compress", "uncompress"];
 
 /// Lossy UTF-8 view of a header value.
 pub fn header_str(v: Option<Vec<u8>>) -> Option<String> {
@@ -207,6 +218,11 @@ pub struct FakeHost {
     pub tick: Option<Duration>,
     /// Calls the real host would refuse (with why); tests assert this stays empty.
     pub refused: Vec<String>,
+    /// The response headers callback paused (headers held): Envoy keeps the header map, so
+    /// the body callbacks may still read and change it. Tests set it as the real host would.
+    pub resp_headers_held: bool,
+    /// Foreign functions called, in order: name and arguments.
+    pub foreign_calls: Vec<(String, Vec<u8>)>,
 }
 
 impl FakeHost {
@@ -258,6 +274,12 @@ impl FakeHost {
     fn refuse(&mut self, why: String) {
         self.refused.push(why);
     }
+
+    /// Envoy hands out the response header map during the headers callback, and in the body
+    /// callbacks only while the filter still holds the headers.
+    fn response_headers_available(&self) -> bool {
+        self.phase == Phase::ResponseHeaders || (self.phase == Phase::ResponseBody && self.resp_headers_held)
+    }
 }
 
 fn get_header(list: &[(String, Vec<u8>)], name: &str) -> Option<Vec<u8>> {
@@ -302,13 +324,13 @@ impl Host for FakeHost {
         set_header(&mut self.req_headers, name, value);
     }
     fn response_headers(&self) -> HeaderPairs {
-        if self.phase != Phase::ResponseHeaders {
+        if !self.response_headers_available() {
             return Vec::new();
         }
         self.resp_headers.clone()
     }
     fn set_response_header(&mut self, name: &str, value: Option<&[u8]>) {
-        if self.phase != Phase::ResponseHeaders {
+        if !self.response_headers_available() {
             self.refuse(format!("set_response_header({name}) outside the response headers callback"));
             return;
         }
@@ -455,6 +477,10 @@ impl Host for FakeHost {
     fn set_tick_period(&mut self, period: Duration) {
         self.tick = Some(period);
     }
+    fn call_foreign_function(&mut self, name: &str, args: &[u8]) -> Option<Vec<u8>> {
+        self.foreign_calls.push((name.to_string(), args.to_vec()));
+        ENVOY_FOREIGN_FUNCTIONS.contains(&name).then(Vec::new)
+    }
 }
 
 /// Kinds of value-returning host calls, counted by [`CountingHost`].
@@ -472,6 +498,8 @@ pub enum CallKind {
     SharedData,
     /// A callout response read.
     Callout,
+    /// A foreign function call (`clear_route_cache` re-matches the route).
+    Foreign,
 }
 
 /// A [`Host`] that counts the calls returning a value (the costly kind in V8), by kind.
@@ -479,7 +507,7 @@ pub enum CallKind {
 pub struct CountingHost<H> {
     /// The wrapped host.
     pub inner: H,
-    counts: Cell<[u32; 6]>,
+    counts: Cell<[u32; 7]>,
     /// Property paths read, in order (to see what a budget overrun is made of).
     pub property_reads: std::cell::RefCell<Vec<String>>,
 }
@@ -487,7 +515,7 @@ pub struct CountingHost<H> {
 impl<H> CountingHost<H> {
     /// Wrap `inner`.
     pub fn new(inner: H) -> Self {
-        Self { inner, counts: Cell::new([0; 6]), property_reads: std::cell::RefCell::new(Vec::new()) }
+        Self { inner, counts: Cell::new([0; 7]), property_reads: std::cell::RefCell::new(Vec::new()) }
     }
 
     fn bump(&self, k: CallKind) {
@@ -510,7 +538,7 @@ impl<H> CountingHost<H> {
 
     /// Start counting again.
     pub fn reset(&self) {
-        self.counts.set([0; 6]);
+        self.counts.set([0; 7]);
         self.property_reads.borrow_mut().clear();
     }
 }
@@ -636,6 +664,10 @@ impl<H: Host> Host for CountingHost<H> {
     fn set_tick_period(&mut self, period: Duration) {
         self.inner.set_tick_period(period);
     }
+    fn call_foreign_function(&mut self, name: &str, args: &[u8]) -> Option<Vec<u8>> {
+        self.bump(CallKind::Foreign);
+        self.inner.call_foreign_function(name, args)
+    }
 }
 
 #[cfg(test)]
@@ -666,6 +698,26 @@ mod tests {
         assert!(h.response_headers().is_empty(), "Envoy answers BadArgument here");
         h.set_response_header("x", Some(b"1"));
         assert_eq!(h.refused.len(), 1);
+    }
+
+    #[test]
+    fn held_response_headers_stay_available_in_the_body_callbacks() {
+        let mut h = FakeHost { resp_headers: vec![(":status".into(), b"400".to_vec())], ..FakeHost::default() };
+        h.phase = Phase::ResponseBody;
+        h.resp_headers_held = true;
+        assert_eq!(h.response_headers().len(), 1);
+        h.set_response_header("x-retry", Some(b"1"));
+        assert_eq!(h.resp_header("x-retry").as_deref(), Some("1"));
+        assert!(h.refused.is_empty());
+    }
+
+    #[test]
+    fn foreign_functions_envoy_knows() {
+        let mut h = CountingHost::new(FakeHost::default());
+        assert_eq!(h.call_foreign_function("clear_route_cache", b""), Some(Vec::new()));
+        assert_eq!(h.call_foreign_function("no_such_function", b"x"), None);
+        assert_eq!(h.inner.foreign_calls.len(), 2);
+        assert_eq!(h.count(CallKind::Foreign), 2);
     }
 
     #[test]

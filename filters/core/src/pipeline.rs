@@ -12,7 +12,8 @@
 //! every stage, before any stage reads it.
 //!
 //! Response: headers are read once; stages run in reverse order. Bodies are never held
-//! except when a stage needs a whole non-streaming body; SSE is parsed event by event and a
+//! except when a stage needs a whole non-streaming body (and the headers only when a stage
+//! asks, `Exchange::hold_response_headers`); SSE is parsed event by event and a
 //! changed event re-serialized; **response trailers end the body** too. A local reply sent by
 //! stage `i` passes through stages `0..i` only (as it would through earlier Envoy filters).
 
@@ -181,6 +182,9 @@ impl Pipeline {
         };
         self.phase = Phase::Headers;
         self.cursor = 0;
+        // The headers are held until a phase lets them go (a body rewrite then sets the new
+        // content-length, also when the body completed while a headers-phase callout was out).
+        self.held = true;
         self.run_request(h)
     }
 
@@ -469,6 +473,13 @@ impl Pipeline {
         if end_of_stream {
             self.x.response.complete = true;
             return self.run_response_body(h, Chunk { end: true, ..Chunk::default() }, 0);
+        }
+        if self.x.hold_response {
+            if self.resp_buffer && self.replaced.is_none() {
+                // Held until the end of the body: stages may still change the headers then.
+                return Act::Pause;
+            }
+            self.x.hold_response = false;
         }
         Act::Continue
     }

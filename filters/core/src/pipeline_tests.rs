@@ -239,6 +239,26 @@ fn callout_in_headers_with_the_body_arriving_meanwhile() {
 }
 
 #[test]
+fn a_body_completed_during_a_headers_callout_gets_its_new_length() {
+    let log = Log::default();
+    let mut a = Probe::new("a", &log);
+    a.wait_in_headers = true;
+    let mut b = Probe::new("b", &log);
+    b.body = BodyUse::Modify;
+    b.rename_model = Some("a-much-longer-model-name");
+    let mut p = pipeline(vec![a, b]);
+    let mut h = post();
+    assert_eq!(p.on_request_headers(&mut h, false), Act::Pause);
+    h.req_body = br#"{"model":"m"}"#.to_vec();
+    let n = h.req_body.len();
+    assert_eq!(p.on_request_body(&mut h, n, true), Act::Pause);
+    h.call_resp_headers = vec![(":status".into(), b"200".to_vec())];
+    p.on_callout(&mut h, 1, None, 0);
+    assert_eq!(h.resumed_requests, 1);
+    assert_eq!(h.req_header("content-length"), Some(h.req_body.len().to_string()));
+}
+
+#[test]
 fn callout_in_headers_then_body_later() {
     let log = Log::default();
     let mut a = Probe::new("a", &log);
@@ -387,4 +407,55 @@ fn buffered_json_waits_for_the_end_or_the_trailers() {
     assert_eq!(p.on_response_trailers(&mut h), Act::Continue);
     assert_eq!(entries(&log).last().map(String::as_str), Some("a:chunk events=0 end=true"));
     assert_eq!(p.x.response.json().unwrap()["a"], 1);
+}
+
+/// Holds a 400's headers, reads the whole body, then marks the headers (what model-failover's
+/// upstream role does for a context-length error before the router decides on a retry).
+struct MarkRetriable;
+
+impl Stage for MarkRetriable {
+    fn on_response_headers(&mut self, x: &mut Exchange, _h: &mut dyn Host) -> Flow {
+        if x.response.status == 400 {
+            x.hold_response_headers();
+        }
+        Flow::Continue
+    }
+    fn on_response_body(&mut self, x: &mut Exchange, h: &mut dyn Host, c: &mut Chunk) -> Flow {
+        if c.end && x.response_headers_held() && String::from_utf8_lossy(&c.bytes).contains("too long") {
+            h.set_response_header("x-retry", Some(b"yes"));
+        }
+        Flow::Continue
+    }
+}
+
+#[test]
+fn held_response_headers_can_be_changed_once_the_body_is_read() {
+    let routes = Rc::new(RefCell::new(crate::route::RouteCache::default()));
+    let slot = || Slot { stage: Box::new(MarkRetriable), name: "m", limit: None, hold: true, publish_model: true };
+    let mut p = Pipeline::new(1, vec![slot()], Rc::clone(&routes));
+    let mut h = post();
+    p.on_request_headers(&mut h, true);
+    h.phase = Phase::ResponseHeaders;
+    h.resp_headers = vec![(":status".into(), b"400".to_vec()), ("content-type".into(), b"application/json".to_vec())];
+    assert_eq!(p.on_response_headers(&mut h, false), Act::Pause, "headers held");
+    h.phase = Phase::ResponseBody;
+    h.resp_headers_held = true;
+    h.resp_body = br#"{"error":"#.to_vec();
+    assert_eq!(p.on_response_body(&mut h, 9, false), Act::Pause);
+    h.resp_body = br#"{"error":"prompt is too long"}"#.to_vec();
+    let n = h.resp_body.len();
+    assert_eq!(p.on_response_body(&mut h, n, true), Act::Continue, "headers and body go on together");
+    assert_eq!(h.resp_header("x-retry").as_deref(), Some("yes"));
+    assert_eq!(h.resp_body, br#"{"error":"prompt is too long"}"#, "body unchanged");
+    assert!(h.refused.is_empty(), "{:?}", h.refused);
+
+    // A 200 is not held; a held 400 that ends with its headers, or streams, is not held either.
+    for (status, ct, eos) in [("200", "application/json", false), ("400", "application/json", true), ("400", "text/event-stream", false)] {
+        let mut p = Pipeline::new(2, vec![slot()], Rc::clone(&routes));
+        let mut h = post();
+        p.on_request_headers(&mut h, true);
+        h.phase = Phase::ResponseHeaders;
+        h.resp_headers = vec![(":status".into(), status.as_bytes().to_vec()), ("content-type".into(), ct.as_bytes().to_vec())];
+        assert_eq!(p.on_response_headers(&mut h, eos), Act::Continue, "{status} {ct} {eos}");
+    }
 }

@@ -99,6 +99,14 @@ extern "C" {
     fn proxy_increment_metric(id: u32, offset: i64) -> u32;
     fn proxy_record_metric(id: u32, value: u64) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
+    fn proxy_call_foreign_function(
+        name: *const u8,
+        name_size: usize,
+        args: *const u8,
+        args_size: usize,
+        results: *mut *mut u8,
+        results_size: *mut usize,
+    ) -> u32;
 }
 
 /// Take ownership of a host-allocated buffer (allocated through the SDK's exported
@@ -383,5 +391,17 @@ impl Host for ProxyHost {
         if s != OK {
             log::warn!("set_tick_period: status {s}");
         }
+    }
+    fn call_foreign_function(&mut self, name: &str, args: &[u8]) -> Option<Vec<u8>> {
+        let (mut data, mut size) = (null_mut(), 0usize);
+        // SAFETY: name and args are live slices; out-pointers to locals.
+        let s = unsafe {
+            proxy_call_foreign_function(name.as_ptr(), name.len(), args.as_ptr(), args.len(), &mut data, &mut size)
+        };
+        if s != OK {
+            log::debug!("call_foreign_function {name}: status {s}");
+            return None;
+        }
+        Some(owned(data, size).unwrap_or_default())
     }
 }

@@ -19,6 +19,8 @@ pub const STAGES: &[(&str, Loader)] = &[
     ("auth", sluice_auth::load),
     ("prompt_enrichment", sluice_prompt_enrichment::load),
     ("prompt_guard", sluice_prompt_guard::load),
+    ("semantic_cache", sluice_semantic_cache::load),
+    ("rag", sluice_rag::load),
     ("token_ratelimit", sluice_token_ratelimit::load),
     ("usage_metrics", sluice_usage_metrics::load),
     ("model_failover", sluice_model_failover::load),

@@ -1,9 +1,14 @@
 //! The few protobuf messages of `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`
-//! this filter needs, encoded and decoded by hand (no codegen, small wasm).
+//! this filter needs, encoded and decoded by hand (no codegen, small wasm). Field numbers as
+//! in Envoy's `api/envoy/service/ratelimit/v3/rls.proto` and
+//! `api/envoy/extensions/common/ratelimit/v3/ratelimit.proto` (checked against Envoy's
+//! generated code, and by the test RLS, which parses with the generated messages):
 //!
-//! Request: `RateLimitRequest { domain = 1; descriptors = 2; hits_addend = 3 }` with
-//! `RateLimitDescriptor { entries = 1 {key = 1; value = 2}; limit = 2 {requests_per_unit = 1;
-//! unit = 2}; hits_addend = 3 (UInt64Value {value = 1}) }`.
+//! Request: `RateLimitRequest { string domain = 1; repeated RateLimitDescriptor descriptors = 2;
+//! uint32 hits_addend = 3 }` with `RateLimitDescriptor { repeated Entry entries = 1 {key = 1;
+//! value = 2}; RateLimitOverride limit = 2 {requests_per_unit = 1; unit = 2};
+//! google.protobuf.UInt64Value hits_addend = 3 {value = 1}; bool is_negative_hits = 4 }`
+//! (`is_negative_hits` since Envoy 1.38; the request has no negative flag of its own).
 //! Response: `RateLimitResponse { overall_code = 1; statuses = 2 }` with
 //! `DescriptorStatus { code = 1; current_limit = 2; limit_remaining = 3;
 //! duration_until_reset = 4 (Duration {seconds = 1}) }`.
@@ -24,11 +29,13 @@ pub struct Descriptor {
     pub unit: u32,
     /// Hits to add (descriptor-level `hits_addend`).
     pub hits: u64,
+    /// The hits are a refund (`is_negative_hits`).
+    pub negative: bool,
 }
 
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     loop {
-        let byte = (v & 0x7f) as u8;
+        let byte = u8::try_from(v & 0x7f).unwrap_or(0);
         v >>= 7;
         if v == 0 {
             out.push(byte);
@@ -44,7 +51,7 @@ fn put_tag(out: &mut Vec<u8>, field: u32, wire: u8) {
 
 fn put_bytes(out: &mut Vec<u8>, field: u32, data: &[u8]) {
     put_tag(out, field, 2);
-    put_varint(out, data.len() as u64);
+    put_varint(out, u64::try_from(data.len()).unwrap_or(u64::MAX));
     out.extend_from_slice(data);
 }
 
@@ -53,8 +60,10 @@ fn put_uint(out: &mut Vec<u8>, field: u32, v: u64) {
     put_varint(out, v);
 }
 
-/// Encode a `RateLimitRequest` (request-level `hits_addend` left 0: each descriptor carries its own).
-pub fn encode_request(domain: &str, descriptors: &[Descriptor]) -> Vec<u8> {
+/// Encode a `RateLimitRequest`. The request-level `hits_addend` is `hits` (clamped to 32
+/// bits): a service that reads only the request-level field counts what the descriptors say.
+/// Callers put descriptors with different hits into different requests (see `stage`).
+pub fn encode_request(domain: &str, hits: u64, descriptors: &[Descriptor]) -> Vec<u8> {
     let mut out = Vec::new();
     put_bytes(&mut out, 1, domain.as_bytes());
     for d in descriptors {
@@ -69,10 +78,19 @@ pub fn encode_request(domain: &str, descriptors: &[Descriptor]) -> Vec<u8> {
         put_uint(&mut limit, 1, u64::from(d.limit));
         put_uint(&mut limit, 2, u64::from(d.unit));
         put_bytes(&mut desc, 2, &limit);
-        let mut hits = Vec::new();
-        put_uint(&mut hits, 1, d.hits);
-        put_bytes(&mut desc, 3, &hits);
+        let mut value = Vec::new();
+        if d.hits > 0 {
+            put_uint(&mut value, 1, d.hits); // proto3: a zero value is not written
+        }
+        put_bytes(&mut desc, 3, &value); // the wrapper itself is always present: "0 = check only"
+        if d.negative {
+            put_uint(&mut desc, 4, 1);
+        }
         put_bytes(&mut out, 2, &desc);
+    }
+    let request_hits = u32::try_from(hits).unwrap_or(u32::MAX);
+    if request_hits > 0 {
+        put_uint(&mut out, 3, u64::from(request_hits));
     }
     out
 }
@@ -216,23 +234,91 @@ pub fn decode_response(buf: &[u8]) -> Option<Response> {
     Some(resp)
 }
 
-/// The descriptor-level `hits_addend` of each descriptor in an encoded request (for tests).
-#[cfg(test)]
-pub(crate) fn decode_hits(req: &[u8]) -> Vec<u64> {
-    let mut out = Vec::new();
-    let mut r = Reader::new(req);
-    while let Some(Ok((field, value))) = r.next() {
-        let (2, Value::Bytes(desc)) = (field, value) else { continue };
-        let mut dr = Reader::new(desc);
-        while let Some(Ok((f, v))) = dr.next() {
-            let (3, Value::Bytes(h)) = (f, v) else { continue };
-            let mut hr = Reader::new(h);
-            if let Some(Ok((1, Value::Varint(n)))) = hr.next() {
-                out.push(n);
+/// A decoded descriptor of a request (tests: what the filter sent).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SentDescriptor {
+    /// Entries.
+    pub entries: Vec<(String, String)>,
+    /// Limit override (requests per unit, unit).
+    pub limit: Option<(u64, u64)>,
+    /// Descriptor-level hits (`None`: the wrapper is absent).
+    pub hits: Option<u64>,
+    /// `is_negative_hits`.
+    pub negative: bool,
+}
+
+/// A decoded request (tests).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SentRequest {
+    /// Domain.
+    pub domain: String,
+    /// Request-level hits.
+    pub hits: u64,
+    /// Descriptors.
+    pub descriptors: Vec<SentDescriptor>,
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Decode a `RateLimitRequest` (tests and property tests; `None` when malformed).
+pub fn decode_request(buf: &[u8]) -> Option<SentRequest> {
+    let mut out = SentRequest::default();
+    let mut r = Reader::new(buf);
+    while let Some(f) = r.next() {
+        match f.ok()? {
+            (1, Value::Bytes(d)) => out.domain = text(d),
+            (3, Value::Varint(v)) => out.hits = v,
+            (2, Value::Bytes(d)) => {
+                let mut desc = SentDescriptor::default();
+                let mut dr = Reader::new(d);
+                while let Some(df) = dr.next() {
+                    match df.ok()? {
+                        (1, Value::Bytes(e)) => {
+                            let (mut k, mut v) = (String::new(), String::new());
+                            let mut er = Reader::new(e);
+                            while let Some(ef) = er.next() {
+                                match ef.ok()? {
+                                    (1, Value::Bytes(b)) => k = text(b),
+                                    (2, Value::Bytes(b)) => v = text(b),
+                                    _ => {}
+                                }
+                            }
+                            desc.entries.push((k, v));
+                        }
+                        (2, Value::Bytes(l)) => {
+                            let (mut n, mut unit) = (0, 0);
+                            let mut lr = Reader::new(l);
+                            while let Some(lf) = lr.next() {
+                                match lf.ok()? {
+                                    (1, Value::Varint(x)) => n = x,
+                                    (2, Value::Varint(x)) => unit = x,
+                                    _ => {}
+                                }
+                            }
+                            desc.limit = Some((n, unit));
+                        }
+                        (3, Value::Bytes(h)) => {
+                            let mut hits = 0;
+                            let mut hr = Reader::new(h);
+                            while let Some(hf) = hr.next() {
+                                if let (1, Value::Varint(x)) = hf.ok()? {
+                                    hits = x;
+                                }
+                            }
+                            desc.hits = Some(hits);
+                        }
+                        (4, Value::Varint(x)) => desc.negative = x != 0,
+                        _ => {}
+                    }
+                }
+                out.descriptors.push(desc);
             }
+            _ => {}
         }
     }
-    out
+    Some(out)
 }
 
 #[cfg(test)]
@@ -262,15 +348,36 @@ pub(crate) mod tests {
 
     #[test]
     fn request_bytes_match_protobuf() {
-        let d = Descriptor { entries: vec![("user".into(), "alice".into())], limit: 150, unit: 2, hits: 300 };
-        let b = encode_request("sluice", &[d]);
+        let d = Descriptor {
+            entries: vec![("user".into(), "alice".into())],
+            limit: 150,
+            unit: 2,
+            hits: 300,
+            negative: false,
+        };
+        let b = encode_request("sluice", 300, std::slice::from_ref(&d));
         // domain
         assert_eq!(&b[..8], b"\x0a\x06sluice");
         // descriptors: entry{key "user", value "alice"}, limit{150, MINUTE}, hits_addend{300}
         let desc = b"\x0a\x0d\x0a\x04user\x12\x05alice\x12\x05\x08\x96\x01\x10\x02\x1a\x03\x08\xac\x02";
-        let mut want = vec![0x12, desc.len() as u8];
+        let mut want = vec![0x12, u8::try_from(desc.len()).unwrap()];
         want.extend_from_slice(desc);
+        // request-level hits_addend = 300 (field 3, varint)
+        want.extend_from_slice(b"\x18\xac\x02");
         assert_eq!(&b[8..], &want[..]);
+        // a refund: is_negative_hits = true is field 4, varint 1, inside the descriptor
+        let neg = encode_request("sluice", 300, &[Descriptor { negative: true, ..d.clone() }]);
+        let decoded = decode_request(&neg).unwrap();
+        assert!(decoded.descriptors[0].negative);
+        assert!(neg.windows(2).any(|w| w == b"\x20\x01"));
+        // zero hits: the wrapper is there (check only), empty; the request-level field is absent
+        let zero = encode_request("d", 0, &[Descriptor { hits: 0, ..d }]);
+        let decoded = decode_request(&zero).unwrap();
+        assert_eq!((decoded.hits, decoded.descriptors[0].hits), (0, Some(0)));
+        assert!(zero.ends_with(b"\x1a\x00"));
+        // hits beyond 32 bits: exact per descriptor, clamped at request level
+        let big = decode_request(&encode_request("d", u64::MAX, &[])).unwrap();
+        assert_eq!(big.hits, u64::from(u32::MAX));
     }
 
     #[test]

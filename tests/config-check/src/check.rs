@@ -9,28 +9,47 @@
 //! environment, as `vm_config.environment_variables.host_env_keys` would.
 
 use sluice_core::config::ConfigError;
+use sluice_core::stage::Assemble;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::process::ExitCode;
 
-/// Filter names (the `filters/<name>` directory) and their loaders.
-const FILTERS: &[&str] =
-    &["auth", "token-ratelimit", "prompt-guard", "prompt-enrichment", "model-failover", "usage-metrics"];
+/// Filter names (the `filters/<name>` directory) and the function each `.wasm` runs in
+/// `on_configure` (every filter reads its config through the one core reader).
+const LOADERS: &[(&str, Assemble)] = &[
+    ("auth", sluice_auth::assemble),
+    ("token-ratelimit", sluice_token_ratelimit::assemble),
+    ("prompt-guard", sluice_prompt_guard::assemble),
+    ("prompt-enrichment", sluice_prompt_enrichment::assemble),
+    ("model-failover", sluice_model_failover::assemble),
+    ("usage-metrics", sluice_usage_metrics::assemble),
+    ("semantic-cache", sluice_semantic_cache::assemble),
+    ("rag", sluice_rag::assemble),
+    ("gateway", sluice_gateway::assemble),
+];
+
+const FILTERS: &[&str] = &[
+    "auth",
+    "token-ratelimit",
+    "prompt-guard",
+    "prompt-enrichment",
+    "model-failover",
+    "usage-metrics",
+    "semantic-cache",
+    "rag",
+    "gateway",
+];
 
 const USAGE: &str = "usage: sluice-config-check [--env NAME=VALUE]... <filter> <file.json|->\n\
-filters: auth, token-ratelimit, prompt-guard, prompt-enrichment, model-failover, usage-metrics\n\
+filters: auth, token-ratelimit, prompt-guard, prompt-enrichment, model-failover, usage-metrics,\n\
+semantic-cache, rag, gateway (the composed filter: {\"stages\": [...]})\n\
 (also accepted: the crate or .wasm name, e.g. sluice-auth, sluice_auth, sluice_auth.wasm)";
 
 /// The filter's own loader over `bytes`; `env` resolves configure-time environment variables.
 fn check(filter: &str, bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-    match filter {
-        "auth" => sluice_auth::config::Config::from_json(bytes, env).map(drop),
-        "token-ratelimit" => sluice_token_ratelimit::config::Config::from_json(bytes).map(drop),
-        "prompt-guard" => sluice_prompt_guard::config::Config::from_json(bytes).map(drop),
-        "prompt-enrichment" => sluice_prompt_enrichment::config::Config::from_json(bytes).map(drop),
-        "model-failover" => sluice_model_failover::config::load(bytes).map(drop),
-        "usage-metrics" => sluice_usage_metrics::config::Config::parse(bytes).map(drop),
-        other => Err(ConfigError::new(".", format!("unknown filter {other}"))),
+    match LOADERS.iter().find(|(n, _)| *n == filter) {
+        Some((_, assemble)) => assemble(bytes, env).map(drop),
+        None => Err(ConfigError::new(".", format!("unknown filter {filter}"))),
     }
 }
 
@@ -127,6 +146,7 @@ mod tests {
                 serde_json::json!({"policies": {"p": {"request_rules": [{"name": "r", "regex": "x", "action": "reject"}]}}})
             }
             "prompt-enrichment" => serde_json::json!({"profiles": {"p": {"caps": {"max_tokens": 100}}}}),
+            "gateway" => serde_json::json!({"stages": [{"usage_metrics": {}}]}),
             _ => serde_json::json!({}),
         }
     }
