@@ -10,6 +10,7 @@ COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
 COPY filters filters
 COPY tests/mock-provider tests/mock-provider
 COPY tests/config-check tests/config-check
+COPY tests/host-probe tests/host-probe
 RUN cargo build --release --locked -p sluice-mock-provider \
  && cp target/release/sluice-mock-provider /usr/local/bin/
 

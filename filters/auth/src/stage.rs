@@ -392,7 +392,8 @@ impl AuthStage {
                 self.deny(x, h, reply, "model")
             }
             ModelsPath::Neither => {
-                x.want_body(BodyUse::Json);
+                // Modify: a request naming no model gets the default that was checked.
+                x.want_body(BodyUse::Modify);
                 self.model_check = Some(ModelCheck { provider, allowed });
                 Flow::Continue
             }
@@ -490,7 +491,7 @@ impl Stage for AuthStage {
         };
         // The body's model, else the model a stage set or the route's `default_model`; the
         // pipeline publishes the same value as `sluice.model` once every stage agreed.
-        let Some(model) = requested.or_else(|| x.model()) else {
+        let Some(model) = requested.clone().or_else(|| x.model()) else {
             if has_body {
                 return self.deny(x, h, replies::model_required(), "body");
             }
@@ -500,6 +501,13 @@ impl Stage for AuthStage {
         };
         if !model_allowed(&mc.allowed, &model) {
             return self.deny(x, h, replies::model_not_allowed(&model, &mc.provider), "model");
+        }
+        if requested.is_none() && has_body {
+            // What was checked is what the provider gets: the route default goes into the
+            // body, instead of leaving the provider to pick its own default model.
+            if let Some(v) = x.request.json_mut() {
+                sluice_core::api::set_model(v, &model);
+            }
         }
         self.count(h, "allow", "model");
         Flow::Continue

@@ -137,11 +137,111 @@ pub type Loader = fn(o: Obj<'_>, env: &dyn Fn(&str) -> Option<String>) -> Result
 /// Builds the plugins of one Envoy filter from its whole configuration document.
 pub type Assemble = fn(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<Box<dyn Plugin>>, ConfigError>;
 
-/// A filter built alone: its whole configuration document is the config of one plugin.
+/// The one option every filter takes next to its own fields: `"hold_headers": false` lets
+/// the request headers go upstream while the body is still being read, for deployments that
+/// cannot set Envoy's `allow_on_headers_stop_iteration` (Istio `WasmPlugin`). A refused
+/// request is then reset upstream before its body was sent (the provider never gets a whole
+/// request, but it sees the headers); see docs/security.md.
+pub const HOLD_HEADERS: &str = "hold_headers";
+
+/// A plugin whose filter must not hold request headers.
+struct NoHold(Box<dyn Plugin>);
+
+impl Plugin for NoHold {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn stage(&self) -> Box<dyn Stage> {
+        self.0.stage()
+    }
+    fn body_limit(&self) -> Option<usize> {
+        self.0.body_limit()
+    }
+    fn holds_headers(&self) -> bool {
+        false
+    }
+    fn publishes_model(&self) -> bool {
+        self.0.publishes_model()
+    }
+    fn tick_period(&self) -> Option<Duration> {
+        self.0.tick_period()
+    }
+    fn on_start(&self, h: &mut dyn Host) {
+        self.0.on_start(h);
+    }
+    fn on_tick(&self, h: &mut dyn Host) {
+        self.0.on_tick(h);
+    }
+    fn on_root_callout(&self, h: &mut dyn Host, r: &CalloutResponse) -> bool {
+        self.0.on_root_callout(h, r)
+    }
+    fn on_queue_ready(&self, h: &mut dyn Host, queue: u32) {
+        self.0.on_queue_ready(h, queue);
+    }
+}
+
+/// Take the filter-level `hold_headers` option out of a configuration document.
+pub fn take_hold_headers(doc: &mut serde_json::Value) -> Result<bool, ConfigError> {
+    let Some(map) = doc.as_object_mut() else { return Ok(true) };
+    match map.remove(HOLD_HEADERS) {
+        None | Some(serde_json::Value::Null) => Ok(true),
+        Some(serde_json::Value::Bool(b)) => Ok(b),
+        Some(v) => Err(ConfigError::new(
+            HOLD_HEADERS,
+            format!("expected true or false, got {}", crate::config::json_kind(&v)),
+        )),
+    }
+}
+
+/// Apply `hold_headers` to the plugins of one filter.
+pub fn with_hold(plugins: Vec<Box<dyn Plugin>>, hold: bool) -> Vec<Box<dyn Plugin>> {
+    if hold {
+        return plugins;
+    }
+    plugins.into_iter().map(|p| Box::new(NoHold(p)) as Box<dyn Plugin>).collect()
+}
+
+/// A filter built alone: its whole configuration document is the config of one plugin
+/// (plus the filter-level `hold_headers` option).
 pub fn single(
     bytes: &[u8],
     env: &dyn Fn(&str) -> Option<String>,
     load: Loader,
 ) -> Result<Vec<Box<dyn Plugin>>, ConfigError> {
-    crate::config::read(bytes, |o| Ok(vec![load(o, env)?]))
+    let mut doc = crate::config::parse_document(bytes)?;
+    let hold = take_hold_headers(&mut doc)?;
+    let plugin = load(Obj::new(&doc, "")?, env)?;
+    Ok(with_hold(vec![plugin], hold))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+mod tests {
+    use super::*;
+
+    struct P;
+    impl Plugin for P {
+        fn name(&self) -> &'static str {
+            "p"
+        }
+        fn stage(&self) -> Box<dyn Stage> {
+            struct S;
+            impl Stage for S {}
+            Box::new(S)
+        }
+    }
+
+    fn load(o: Obj<'_>, _env: &dyn Fn(&str) -> Option<String>) -> Result<Box<dyn Plugin>, ConfigError> {
+        o.known(&["x"])?;
+        Ok(Box::new(P))
+    }
+
+    #[test]
+    fn hold_headers_is_a_filter_level_option() {
+        let env = |_: &str| None;
+        assert!(single(br#"{"x":1}"#, &env, load).unwrap()[0].holds_headers());
+        assert!(!single(br#"{"x":1,"hold_headers":false}"#, &env, load).unwrap()[0].holds_headers());
+        assert_eq!(single(br#"{"hold_headers":"no"}"#, &env, load).err().unwrap().field, "hold_headers");
+        assert_eq!(single(br#"{"y":1}"#, &env, load).err().unwrap().field, "y");
+    }
 }

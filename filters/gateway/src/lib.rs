@@ -8,8 +8,8 @@
 //! and, with one stage per plugin, the separate-filter suite in one VM (distinct `root_id`s,
 //! one `vm_id`). See README.md for the trade-offs.
 
-use sluice_core::config::{read, ConfigError, Obj};
-use sluice_core::stage::{Loader, Plugin};
+use sluice_core::config::{parse_document, ConfigError, Obj};
+use sluice_core::stage::{take_hold_headers, with_hold, Loader, Plugin};
 
 /// Name used in logs.
 pub const NAME: &str = "gateway";
@@ -32,7 +32,10 @@ fn stage_names() -> String {
 
 /// Build the plugins of one composed filter from its configuration document.
 pub fn assemble(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<Box<dyn Plugin>>, ConfigError> {
-    read(bytes, |root| {
+    let mut doc = parse_document(bytes)?;
+    let hold = take_hold_headers(&mut doc)?;
+    let root = Obj::new(&doc, "")?;
+    let plugins = {
         root.known(&["stages"])?;
         let stages = root
             .list("stages", |v, path| {
@@ -51,8 +54,9 @@ pub fn assemble(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Ve
         if stages.is_empty() {
             return Err(root.err("stages", "list at least one stage"));
         }
-        Ok(stages)
-    })
+        stages
+    };
+    Ok(with_hold(plugins, hold))
 }
 
 sluice_core::filter_main!(NAME, assemble);
