@@ -42,12 +42,30 @@ def workdir(request) -> Path:
         clean_workdir(d)
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "composable: also run with the config's sluice filters composed into the gateway filter")
+
+
+def pytest_generate_tests(metafunc):
+    # Seed scenarios run twice: separate filters, and the same config composed (compose.py).
+    if metafunc.definition.get_closest_marker("composable") and "build" in metafunc.fixturenames:
+        metafunc.parametrize("build", ["separate", "composed"], indirect=True)
+
+
 @pytest.fixture
-def gateway(workdir):
+def build(request) -> str:
+    """`separate` or `composed` (see the `composable` marker)."""
+    return getattr(request, "param", "separate")
+
+
+@pytest.fixture
+def gateway(workdir, build):
     """gateway(config, mocks={port: {mock settings}}, concurrency=2, env={}, ports={cfg_port: real_port}) -> Gateway."""
     started: list[Gateway] = []
 
     def start(config, mocks=None, **kw) -> Gateway:
+        kw.setdefault("composed", build == "composed")
         gw = Gateway(workdir, config, mocks=mocks, **kw)
         started.append(gw)
         return gw

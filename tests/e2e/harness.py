@@ -299,13 +299,23 @@ class Gateway:
     """Envoy plus the mock providers its config points at."""
 
     def __init__(self, workdir: Path, config: str | Path, mocks: dict[int, dict] | None = None,
-                 concurrency: int = 2, env: dict[str, str] | None = None, ports: dict[int, int] | None = None):
-        """`ports` maps config ports to servers the test runs itself (JWKS, rate-limit service...)."""
+                 concurrency: int = 2, env: dict[str, str] | None = None, ports: dict[int, int] | None = None,
+                 composed: bool = False):
+        """`ports` maps config ports to servers the test runs itself (JWKS, rate-limit service...);
+        `composed` runs the config's sluice filters as the composed gateway (tests/e2e/compose.py)."""
         self.workdir = workdir
         self.mocks: dict[int, Mock] = {}
         self.envoy: Envoy | None = None
         config_path = (ROOT / config) if not Path(config).is_absolute() else Path(config)
         text = config_path.read_text()
+        if composed:
+            from compose import compose_yaml
+
+            text = compose_yaml(text)
+            composed_dir = workdir / f"composed-{config_path.parent.name}"
+            composed_dir.mkdir(parents=True, exist_ok=True)
+            config_path = composed_dir / config_path.name
+            config_path.write_text(text)
         try:
             port_map: dict[int, int] = {}
             for p in sorted(config_ports(text)):

@@ -119,6 +119,7 @@ def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+@pytest.mark.composable
 def test_seed_002_jwt_and_rbac(gateway, jwks_servers, tmp_path):
     key, jwks = keys(tmp_path)
     ec_key, ec_jwks = keys(tmp_path, "e1", "ES256")  # the identity provider publishes RSA and EC keys
@@ -186,6 +187,7 @@ def _raw_request(gw, headers: list[tuple[str, str]]) -> tuple[int, dict]:
     return resp.status, data
 
 
+@pytest.mark.composable
 def test_hostile_tokens(gateway, jwks_servers, tmp_path):
     key, jwks = keys(tmp_path)
     other_key, _ = keys(tmp_path, "k-other")

@@ -28,14 +28,16 @@ SEED_TEXT = (
 SYSTEM = {"role": "system", "content": CSV_PROMPT}
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["separate", "composed"])
 def gw(request):
-    """One gateway for the module; its logs stay in .work/e2e/ only if a test failed."""
-    workdir = WORK / f"test_enrichment_shared_{os.getpid()}"
+    """One gateway per build for the module (separate filters, then composed); its logs stay in
+    .work/e2e/ only if a test failed."""
+    workdir = WORK / f"test_enrichment_shared_{request.param}_{os.getpid()}"
     clean_workdir(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     failed_before = request.session.testsfailed
-    g = Gateway(workdir, CONFIG, mocks={18001: {"name": "openai", "model": "gpt-4o"}})
+    g = Gateway(workdir, CONFIG, mocks={18001: {"name": "openai", "model": "gpt-4o"}},
+                composed=request.param == "composed")
     yield g
     g.stop()
     if request.session.testsfailed == failed_before:

@@ -66,6 +66,7 @@ def sdk(gw, prefix: str = "") -> OpenAI:
     return OpenAI(base_url=gw.url(prefix + "/v1"), api_key="x", max_retries=0, timeout=30)
 
 
+@pytest.mark.composable
 def test_guard_seed004_reject_and_mask(gateway):
     gw = gateway(CONFIG, mocks=MOCKS)
     mock = gw.mocks[18001]
@@ -171,6 +172,7 @@ def split_text(text: str, pieces: int) -> list[str]:
     return [text[i * n // pieces:(i + 1) * n // pieces] for i in range(pieces) if text[i * n // pieces:(i + 1) * n // pieces]]
 
 
+@pytest.mark.composable
 def test_guard_stream_card_split_across_events_and_chunks(gateway):
     text = "Card: 5555 5555 5555 4444 is a test number."
     masked = "Card: XXXXXXXXXXXXXXXXXXX is a test number."

@@ -52,6 +52,7 @@ def align_to_window(seconds: int) -> None:
         time.sleep(seconds - into + 0.05)
 
 
+@pytest.mark.composable
 def test_tiered_limits_alice_refused_bob_passes(gateway, workdir):
     # Same config as the example, with the minute window shortened to 3 s so the test
     # does not wait a minute; the hour (300) and the day (800) are unchanged.
@@ -107,6 +108,7 @@ def test_tiered_limits_alice_refused_bob_passes(gateway, workdir):
     assert verdicts.count("ok") == 7
 
 
+@pytest.mark.composable
 def test_input_token_limit(gateway):
     gw = gateway(INPUT, mocks={18001: {"name": "openai", "model": "gpt-4o"}})
     prompt = "y" * 100  # 25 input tokens
@@ -134,6 +136,7 @@ def _parallel(gw, user: str, n: int, max_tokens: int | None) -> list[requests.Re
         return list(pool.map(one, range(n)))
 
 
+@pytest.mark.composable
 def test_concurrency_never_overspends(gateway, workdir):
     # Limit 500 total tokens an hour: fits exactly 10 requests of 50 tokens.
     cfg = variant(workdir, TIERED, "conc", lambda t: t.replace(

@@ -66,6 +66,7 @@ def wait_access_log(gw, n: int) -> list[dict]:
                     15, f"{n} access log lines")
 
 
+@pytest.mark.composable
 def test_known_mix_gives_exact_tokens_in_prometheus_and_access_log(gateway):
     gw = gateway(CONFIG, mocks=MOCKS)
     expected = Counter()  # (provider, model, token_type) -> tokens

@@ -180,6 +180,12 @@ impl Pipeline {
             Ok(mut c) => c.lookup(h),
             Err(_) => Rc::default(),
         };
+        // Route metadata `sluice.disabled_stages: [prompt_enrichment, ...]` switches stages off
+        // on a route (the composed filter's form of Envoy's per-filter `disabled: true`).
+        if let Some(off) = self.x.route.get("disabled_stages").and_then(serde_json::Value::as_array) {
+            let off: Vec<String> = off.iter().filter_map(|v| v.as_str()).map(|v| v.replace('_', "-")).collect();
+            self.slots.retain(|s| !off.iter().any(|o| o == s.name));
+        }
         self.phase = Phase::Headers;
         self.cursor = 0;
         // The headers are held until a phase lets them go (a body rewrite then sets the new
