@@ -23,6 +23,7 @@ pub mod json;
 pub mod keys;
 pub mod metrics;
 pub mod pipeline;
+pub mod price;
 pub mod route;
 pub mod sse;
 pub mod stage;

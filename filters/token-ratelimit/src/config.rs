@@ -2,6 +2,7 @@
 //! (`sluice_core::config::Obj`): unknown fields and wrong types are errors naming the field
 //! (`rule_sets.tiered[0].windows[1].limit: must be at least 1`).
 
+use sluice_core::price::PriceTable;
 use sluice_core::config::{parse_duration, validate_header_name, ConfigError, FailureMode, Obj};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -71,12 +72,29 @@ pub enum Counts {
     TotalTokens,
     /// Requests (1 each).
     Requests,
+    /// Money: micro-units of the price table's currency (`prices`).
+    Cost,
+}
+
+/// What one request amounts to, in every unit a rule may count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Units {
+    /// Input tokens.
+    pub input: u64,
+    /// Output tokens.
+    pub output: u64,
+    /// Cost in micro-units of the configured currency.
+    pub cost: u64,
 }
 
 impl Counts {
-    /// `true` for token counts.
-    pub fn is_tokens(self) -> bool {
-        self != Self::Requests
+    /// The `x-ratelimit-*-<unit>` suffix: `tokens`, `requests` or `cost`.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Self::Requests => "requests",
+            Self::Cost => "cost",
+            _ => "tokens",
+        }
     }
 
     /// The name used in config and messages.
@@ -86,16 +104,18 @@ impl Counts {
             Self::OutputTokens => "output_tokens",
             Self::TotalTokens => "total_tokens",
             Self::Requests => "requests",
+            Self::Cost => "cost",
         }
     }
 
-    /// Units this rule counts for a usage.
-    pub fn amount(self, input: u64, output: u64) -> u64 {
+    /// Units this rule counts for a request.
+    pub fn amount(self, u: &Units) -> u64 {
         match self {
-            Self::InputTokens => input,
-            Self::OutputTokens => output,
-            Self::TotalTokens => input.saturating_add(output),
+            Self::InputTokens => u.input,
+            Self::OutputTokens => u.output,
+            Self::TotalTokens => u.input.saturating_add(u.output),
             Self::Requests => 1,
+            Self::Cost => u.cost,
         }
     }
 }
@@ -111,6 +131,8 @@ pub enum Unit {
     Hour = 3,
     /// 86400 s.
     Day = 4,
+    /// A calendar month (local mode: UTC calendar months; an RLS applies its own month).
+    Month = 5,
 }
 
 /// A fixed window aligned to the clock (multiples of its length since the Unix epoch).
@@ -126,14 +148,64 @@ pub struct Window {
     pub limit: u64,
 }
 
+/// Length that stands for a calendar month in counters (its id; the real boundaries come
+/// from the calendar).
+pub const MONTH_MS: u64 = 31 * 86_400_000;
+
+const DAY_MS: u64 = 86_400_000;
+
+/// Days since the epoch of the first day of the month holding `day` (proleptic Gregorian,
+/// UTC; Howard Hinnant's civil-from-days and days-from-civil).
+fn month_start_day(day: i64, next: bool) -> i64 {
+    let z = day + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let mut m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let mut y = yoe + era * 400 + i64::from(m <= 2);
+    if next {
+        m += 1;
+        if m > 12 {
+            m = 1;
+            y += 1;
+        }
+    }
+    let yy = if m <= 2 { y - 1 } else { y };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn month_bounds(now_ms: u64) -> (u64, u64) {
+    let day = i64::try_from(now_ms / DAY_MS).unwrap_or(0);
+    let to_ms = |d: i64| u64::try_from(d).unwrap_or(0).saturating_mul(DAY_MS);
+    (to_ms(month_start_day(day, false)), to_ms(month_start_day(day, true)))
+}
+
 impl Window {
+    /// True for a calendar-month window.
+    pub fn is_month(&self) -> bool {
+        self.unit == Some(Unit::Month)
+    }
+
     /// Start (ms since epoch) of the window holding `now_ms`.
     pub fn start(&self, now_ms: u64) -> u64 {
+        if self.is_month() {
+            return month_bounds(now_ms).0;
+        }
         now_ms.saturating_sub(now_ms.checked_rem(self.len_ms).unwrap_or(0))
     }
 
     /// Milliseconds until the window holding `now_ms` ends.
     pub fn ms_to_reset(&self, now_ms: u64) -> u64 {
+        if self.is_month() {
+            return month_bounds(now_ms).1.saturating_sub(now_ms);
+        }
         self.start(now_ms).saturating_add(self.len_ms).saturating_sub(now_ms)
     }
 
@@ -189,6 +261,10 @@ pub struct Config {
     pub max_counters: usize,
     /// Period of the expired-counter sweep.
     pub cleanup_interval: Duration,
+    /// Price table for rules that count `cost`.
+    pub prices: PriceTable,
+    /// What a `cost` rule does with a model the table does not price (`deny`: 403).
+    pub unpriced: FailureMode,
 }
 
 impl Config {
@@ -221,7 +297,11 @@ impl Config {
             "cas_retries",
             "max_counters",
             "cleanup_interval",
+            "prices",
+            "currency",
+            "unpriced_models",
         ])?;
+        let prices = PriceTable::load(&o)?;
         let mode = match o.choice("mode", &["local", "rls"])?.as_deref().unwrap_or("local") {
             "rls" => {
                 let rls = o.object("rls", load_rls)?.ok_or_else(|| o.err("rls", "required with mode \"rls\""))?;
@@ -249,6 +329,11 @@ impl Config {
             let sets = Obj::new(sets, &path)?;
             for (name, _) in sets.entries() {
                 let rules = sets.list(name, |v, p| load_rule(Obj::new(v, p)?, local))?.unwrap_or_default();
+                if let Some(i) = rules.iter().position(|r| r.counts == Counts::Cost) {
+                    if prices.is_empty() {
+                        return Err(ConfigError::new(format!("{path}.{name}[{i}].count"), "counting cost needs `prices`"));
+                    }
+                }
                 for (i, r) in rules.iter().enumerate() {
                     if rules.iter().take(i).any(|o| o.name == r.name) {
                         return Err(ConfigError::new(format!("{path}.{name}[{i}].name"), "duplicate rule name"));
@@ -297,6 +382,8 @@ impl Config {
             cas_retries: u32::try_from(cas_retries).unwrap_or(u32::MAX),
             max_counters,
             cleanup_interval,
+            prices,
+            unpriced: o.failure_mode("unpriced_models")?.unwrap_or(FailureMode::Deny),
         })
     }
 }
@@ -333,8 +420,9 @@ fn load_rule(o: Obj<'_>, local: bool) -> Result<Rule, ConfigError> {
         .unwrap_or_default();
     let count = o.required("count")?;
     let counts = parse_counts(&count).map_err(|e| o.err("count", e))?;
-    let windows =
-        o.objects("windows", |w| load_window(w, local))?.ok_or_else(|| o.err(".", "missing field `windows`"))?;
+    let windows = o
+        .objects("windows", |w| load_window(w, local, counts))?
+        .ok_or_else(|| o.err(".", "missing field `windows`"))?;
     if windows.is_empty() {
         return Err(o.err("windows", "at least one window is required"));
     }
@@ -346,15 +434,25 @@ fn load_rule(o: Obj<'_>, local: bool) -> Result<Rule, ConfigError> {
     Ok(Rule { name, key, counts, windows })
 }
 
-fn load_window(w: Obj<'_>, local: bool) -> Result<Window, ConfigError> {
+fn load_window(w: Obj<'_>, local: bool, counts: Counts) -> Result<Window, ConfigError> {
     w.known(&["window", "limit"])?;
-    let limit = w.u64("limit")?.ok_or_else(|| w.err(".", "missing field `limit`"))?;
+    let limit = if counts == Counts::Cost {
+        // Money in the table's currency (`5.0`), kept in micro-units.
+        match w.number("limit")? {
+            Some(v) if v > 0.0 => sluice_core::price::to_micros(v),
+            Some(_) => return Err(w.err("limit", "must be positive")),
+            None => return Err(w.err(".", "missing field `limit`")),
+        }
+    } else {
+        w.u64("limit")?.ok_or_else(|| w.err(".", "missing field `limit`"))?
+    };
     let name = w.required("window")?;
     let (len_ms, unit) = match name.as_str() {
         "second" => (1_000, Some(Unit::Second)),
         "minute" => (60_000, Some(Unit::Minute)),
         "hour" => (3_600_000, Some(Unit::Hour)),
         "day" => (86_400_000, Some(Unit::Day)),
+        "month" => (MONTH_MS, Some(Unit::Month)),
         other => {
             let d = parse_duration(other).map_err(|e| w.err("window", e))?;
             let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -363,7 +461,7 @@ fn load_window(w: Obj<'_>, local: bool) -> Result<Window, ConfigError> {
             }
             if !local {
                 return Err(
-                    w.err("window", format!("{other:?}: rls mode supports only second, minute, hour and day windows"))
+                    w.err("window", format!("{other:?}: rls mode supports only second, minute, hour, day and month windows"))
                 );
             }
             (ms, None)
@@ -405,8 +503,11 @@ fn parse_counts(s: &str) -> Result<Counts, String> {
         "output_tokens" => Counts::OutputTokens,
         "total_tokens" => Counts::TotalTokens,
         "requests" => Counts::Requests,
+        "cost" => Counts::Cost,
         other => {
-            return Err(format!("unknown count {other:?}; use input_tokens, output_tokens, total_tokens or requests"))
+            return Err(format!(
+                "unknown count {other:?}; use input_tokens, output_tokens, total_tokens, requests or cost"
+            ))
         }
     })
 }
@@ -415,6 +516,30 @@ fn parse_counts(s: &str) -> Result<Counts, String> {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn calendar_months_in_utc() {
+        let w = Window { name: "month".into(), len_ms: MONTH_MS, unit: Some(Unit::Month), limit: 1 };
+        let day = |y: i64, m: i64, d: i64| -> u64 {
+            // days from civil, for test inputs
+            let yy = if m <= 2 { y - 1 } else { y };
+            let era = yy.div_euclid(400);
+            let yoe = yy - era * 400;
+            let mp = if m > 2 { m - 3 } else { m + 9 };
+            let doy = (153 * mp + 2) / 5 + d - 1;
+            let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+            u64::try_from(era * 146_097 + doe - 719_468).unwrap() * DAY_MS
+        };
+        for (y, m, next) in [(2026, 12, (2027, 1)), (2024, 2, (2024, 3)), (2026, 1, (2026, 2)), (2000, 2, (2000, 3))] {
+            let start = day(y, m, 1);
+            let now = start + 10 * DAY_MS + 12_345;
+            assert_eq!(w.start(now), start, "{y}-{m}");
+            assert_eq!(w.start(start), start, "{y}-{m} first instant");
+            assert_eq!(now + w.ms_to_reset(now), day(next.0, next.1, 1), "{y}-{m}");
+            assert_eq!(w.start(day(next.0, next.1, 1) - 1), start, "{y}-{m} last instant");
+        }
+        assert_eq!(w.start(0), 0);
+    }
 
     const TIERED: &str = r#"{
         "user_header": "x-user",

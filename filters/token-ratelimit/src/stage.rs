@@ -16,7 +16,7 @@
 //! hits, or as negative hits (`is_negative_hits`) when the service supports them.
 
 use crate::budget::{counter_key, CounterKey, Reserved, Store, StoreError};
-use crate::config::{Config, Mode, RlsConfig, Rule};
+use crate::config::{Config, Counts, Mode, RlsConfig, Rule, Units};
 use crate::limiter::{self, Estimate, Tightest};
 use crate::rls::{self, Code, Descriptor};
 use sluice_core::config::FailureMode;
@@ -266,8 +266,8 @@ enum Outcome {
     Release,
     /// The reservation stands: the answer could not be read.
     Keep,
-    /// These tokens (`reconciled`: reported; `estimated`: from the text seen).
-    Usage { input: u64, output: u64, action: &'static str },
+    /// These units (`reconciled`: reported; `estimated`: from the text seen).
+    Usage { units: Units, action: &'static str },
 }
 
 /// Waiting for an RLS answer: admission, or a correction holding the end of the response.
@@ -287,6 +287,7 @@ pub struct RateLimitStage {
     charges: Vec<Charge>,
     tokens: Option<Tightest>,
     requests: Option<Tightest>,
+    cost: Option<Tightest>,
     /// RLS calls still to make (admission or corrections), in order.
     calls: Vec<Call>,
     /// Admission calls the RLS counted.
@@ -308,6 +309,7 @@ impl RateLimitStage {
             charges: Vec::new(),
             tokens: None,
             requests: None,
+            cost: None,
             calls: Vec::new(),
             counted: Vec::new(),
             awaiting: None,
@@ -329,7 +331,11 @@ impl RateLimitStage {
     }
 
     fn note(&mut self, rule: &Rule, limit: u64, remaining: u64, reset_ms: u64) {
-        let slot = if rule.counts.is_tokens() { &mut self.tokens } else { &mut self.requests };
+        let slot = match rule.counts.unit() {
+            "requests" => &mut self.requests,
+            "cost" => &mut self.cost,
+            _ => &mut self.tokens,
+        };
         limiter::note_window(slot, limit, remaining, reset_ms);
     }
 
@@ -368,7 +374,7 @@ impl RateLimitStage {
         let Some(w) = rule.windows.get(wi) else { return Flow::Reply(LocalReply::internal(crate::NAME)) };
         self.decided(h, &format!("refused:{}/{}", rule.name, w.name), "deny");
         self.phase = Phase::Replied;
-        Flow::Reply(limiter::refusal(rule, w, remaining, reset_ms, need))
+        Flow::Reply(limiter::refusal(rule, w, remaining, reset_ms, need, &self.cfg.prices))
     }
 
     fn admit(&mut self, h: &mut dyn Host) -> Flow {
@@ -394,6 +400,12 @@ impl RateLimitStage {
         self.est = limiter::estimate(&self.cfg, x);
         let cfg = self.config();
         let rules = cfg.rule_set(&self.set).unwrap_or_default();
+        if !self.est.priced && cfg.unpriced == FailureMode::Deny && rules.iter().any(|r| r.counts == Counts::Cost) {
+            let model = x.model().unwrap_or_default();
+            self.decided(h, "refused:unpriced", "deny");
+            self.phase = Phase::Replied;
+            return Flow::Reply(limiter::unpriced(&model));
+        }
         let now = now_ms(h);
         self.charges = rules
             .iter()
@@ -403,7 +415,7 @@ impl RateLimitStage {
                 values: limiter::key_values(&cfg, rule, x, h),
                 key: None,
                 starts: rule.windows.iter().map(|w| w.start(now)).collect(),
-                amount: rule.counts.amount(self.est.input, self.est.output),
+                amount: rule.counts.amount(&self.est.units),
             })
             .collect();
         match self.rls() {
@@ -609,10 +621,16 @@ impl RateLimitStage {
             return Outcome::Keep;
         }
         match x.usage(h) {
-            Some(u) if !u.estimated => Outcome::Usage { input: u.input, output: u.output, action: "reconciled" },
-            // Output is estimated from the generated text only where there is some.
-            Some(u) if x.request.api.generates() => {
-                Outcome::Usage { input: u.input, output: u.output, action: "estimated" }
+            Some(u) if !u.estimated || x.request.api.generates() => {
+                // Output is estimated from the generated text only where there is some.
+                let response_model = match &x.response.stream {
+                    Some(s) => s.response_model().map(str::to_string),
+                    None => x.response.json().and_then(sluice_core::api::response_model).map(str::to_string),
+                };
+                let requested = x.model();
+                let cost = limiter::cost_of(&self.cfg, &u, response_model.as_deref(), requested.as_deref());
+                let units = Units { input: u.input, output: u.output, cost };
+                Outcome::Usage { units, action: if u.estimated { "estimated" } else { "reconciled" } }
             }
             _ => Outcome::Keep,
         }
@@ -643,8 +661,8 @@ impl RateLimitStage {
             match outcome {
                 Outcome::Release => -amount,
                 Outcome::Keep => 0,
-                Outcome::Usage { input, output, .. } => {
-                    i64::try_from(rule.counts.amount(input, output)).unwrap_or(i64::MAX).saturating_sub(amount)
+                Outcome::Usage { units, .. } => {
+                    i64::try_from(rule.counts.amount(&units)).unwrap_or(i64::MAX).saturating_sub(amount)
                 }
             }
         };
@@ -756,7 +774,7 @@ impl Stage for RateLimitStage {
 
     fn on_response_headers(&mut self, x: &mut Exchange, h: &mut dyn Host) -> Flow {
         if matches!(self.phase, Phase::Reserved | Phase::Unmetered) && !x.response.local {
-            for (k, v) in limiter::admitted_headers(self.tokens, self.requests) {
+            for (k, v) in limiter::admitted_headers(self.tokens, self.requests, self.cost) {
                 h.set_response_header(&k, Some(v.as_bytes()));
             }
         }

@@ -914,3 +914,80 @@ fn host_call_budget_of_a_typical_local_request() {
     let reads = h.property_reads.borrow().clone();
     assert!(!reads.iter().any(|r| r == keys::USER || r == keys::RATELIMIT || r == keys::USAGE), "{reads:?}");
 }
+
+const COST_CFG: &str = r#"{
+    "user_header": "x-user",
+    "default_output_tokens": 100,
+    "default_rule_set": "budget",
+    "currency": "USD",
+    "prices": [{"model": "m", "input": 2.0, "cached_input": 1.0, "output": 10.0}],
+    "rule_sets": {
+      "budget": [{"name": "monthly", "key": ["user"], "count": "cost", "windows": [{"window": "month", "limit": 0.01}]}]
+    }
+}"#;
+
+fn cost_used(w: &mut World, user: &str) -> u64 {
+    let c = Config::from_json(COST_CFG.as_bytes()).unwrap();
+    let rule = &c.rule_set("budget").unwrap()[0];
+    let key = counter_key("budget", &rule.name, &[user.to_string()], bucket_count(c.max_counters));
+    let now = w.base.now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_millis() as u64;
+    Store::new(&mut w.base, 10, c.max_counters).peek(&key, &rule.windows, now)[0]
+}
+
+#[test]
+fn money_budgets_reserve_the_estimate_and_settle_the_real_cost() {
+    let mut w = World::new(COST_CFG);
+    // 10 input tokens × 2 + 100 reserved output × 10 = 1020 micro-USD reserved.
+    let mut r = w.ask("alice", &body(None, false));
+    assert_eq!(r.act, Act::Continue);
+    assert_eq!(cost_used(&mut w, "alice"), 1020);
+    // Real: 10 input (4 cached) × … + 20 output × 10 = 6×2 + 4×1 + 200 = 216.
+    w.json(
+        &mut r,
+        "200",
+        r#"{"model":"m","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":20,"prompt_tokens_details":{"cached_tokens":4}}}"#,
+    );
+    assert_eq!(cost_used(&mut w, "alice"), 216);
+    assert_eq!(r.h.resp_header("x-ratelimit-limit-cost").as_deref(), Some("0.010000"));
+    assert_eq!(r.h.resp_header("x-ratelimit-remaining-cost").as_deref(), Some("0.008980"));
+    // Spend the rest: 10 000 micro-USD per month.
+    for _ in 0..20 {
+        let mut r = w.ask("alice", &body(Some(100), false));
+        if r.act != Act::Continue {
+            break;
+        }
+        w.json(&mut r, "200", r#"{"model":"m","choices":[],"usage":{"prompt_tokens":10,"completion_tokens":100}}"#);
+    }
+    let r = w.ask("alice", &body(Some(100), false));
+    let reply = r.h.replies.last().expect("refused");
+    assert_eq!(reply.status, 429);
+    let v: Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(v["error"]["code"], "budget_exceeded");
+    assert!(v["error"]["message"].as_str().unwrap().contains("allows 0.010000 USD per month window"), "{v}");
+    assert!(reply.headers.iter().any(|(k, _)| k == "x-ratelimit-remaining-cost"));
+    // Another caller has their own budget.
+    assert_eq!(w.ask("bob", &body(Some(100), false)).act, Act::Continue);
+}
+
+#[test]
+fn an_unpriced_model_is_refused_by_a_money_budget() {
+    let mut w = World::new(COST_CFG);
+    let b = serde_json::to_vec(&json!({"model": "unknown-model", "messages": [{"role": "user", "content": "hi"}]})).unwrap();
+    let r = w.ask("alice", &b);
+    let reply = r.h.replies.last().expect("refused");
+    assert_eq!(reply.status, 403);
+    let v: Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(v["error"]["code"], "model_not_priced");
+    let allow = COST_CFG.replacen("\"currency\"", "\"unpriced_models\": \"allow\", \"currency\"", 1);
+    let mut w = World::new(&allow);
+    assert_eq!(w.ask("alice", &b).act, Act::Continue);
+}
+
+#[test]
+fn cost_rules_need_prices() {
+    let e = Config::from_json(
+        br#"{"rule_sets":{"s":[{"name":"r","key":["user"],"count":"cost","windows":[{"window":"month","limit":5}]}]}}"#,
+    )
+    .unwrap_err();
+    assert_eq!(e.field, "rule_sets.s[0].count");
+}

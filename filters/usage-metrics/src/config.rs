@@ -2,6 +2,7 @@
 
 use sluice_core::config::{ConfigError, Obj};
 use sluice_core::metrics::KnownValues;
+use sluice_core::price::PriceTable;
 
 /// Default cap on a request body the filter reads (Envoy's default buffer limit).
 pub const DEFAULT_MAX_REQUEST_BODY_BYTES: usize = 1024 * 1024;
@@ -11,29 +12,6 @@ pub const DEFAULT_MAX_RESPONSE_BODY_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_MAX_LABEL_VALUES: usize = 100;
 /// Default cap on distinct metric names (label combinations) per VM.
 pub const DEFAULT_MAX_METRIC_NAMES: usize = 5000;
-
-/// A price per million tokens for models matching `pattern` (`gpt-4o` or `gpt-4o*`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Price {
-    /// Model name or `prefix*`.
-    pub pattern: String,
-    /// Per million input tokens (uncached).
-    pub input: f64,
-    /// Per million cached input tokens (defaults to `input`).
-    pub cached_input: f64,
-    /// Per million output tokens.
-    pub output: f64,
-}
-
-impl Price {
-    /// Whether this price applies to `model`.
-    pub fn matches(&self, model: &str) -> bool {
-        match self.pattern.strip_suffix('*') {
-            Some(prefix) => model.starts_with(prefix),
-            None => self.pattern == model,
-        }
-    }
-}
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
@@ -56,10 +34,8 @@ pub struct Config {
     /// model is labelled `other`, so client input cannot create series. Route metadata
     /// `default_model`/`models` and the model failover sent upstream are learnt too.
     pub known_models: KnownValues,
-    /// Price table (first match wins), for `sluice.cost` and the cost metric.
-    pub prices: Vec<Price>,
-    /// Currency of the price table (a label on the cost metric).
-    pub currency: String,
+    /// Price table (first match wins) and its currency, for `sluice.cost` and the cost metric.
+    pub prices: PriceTable,
     /// Add a `sluice_team` label to the cost metric.
     pub cost_by_team: bool,
 }
@@ -75,8 +51,7 @@ impl Default for Config {
             max_label_values: DEFAULT_MAX_LABEL_VALUES,
             max_metric_names: DEFAULT_MAX_METRIC_NAMES,
             known_models: KnownValues::default(),
-            prices: Vec::new(),
-            currency: "USD".into(),
+            prices: PriceTable { prices: Vec::new(), currency: "USD".into() },
             cost_by_team: false,
         }
     }
@@ -89,24 +64,6 @@ fn positive(o: &Obj<'_>, key: &str, default: usize, max: usize) -> Result<usize,
         Some(n) if n > max => Err(o.err(key, format!("must be at most {max}"))),
         Some(n) => Ok(n),
     }
-}
-
-fn price(o: Obj<'_>) -> Result<Price, ConfigError> {
-    o.known(&["model", "input", "cached_input", "output"])?;
-    let num = |k: &str| -> Result<f64, ConfigError> {
-        match o.number(k)? {
-            Some(v) if v < 0.0 => Err(o.err(k, "must not be negative")),
-            Some(v) => Ok(v),
-            None => Err(o.err(k, "missing field")),
-        }
-    };
-    let input = num("input")?;
-    let cached_input = match o.number("cached_input")? {
-        Some(v) if v < 0.0 => return Err(o.err("cached_input", "must not be negative")),
-        Some(v) => v,
-        None => input,
-    };
-    Ok(Price { pattern: o.required("model")?, input, cached_input, output: num("output")? })
 }
 
 impl Config {
@@ -136,8 +93,7 @@ impl Config {
             max_label_values: positive(&o, "max_label_values", d.max_label_values, 100_000)?,
             max_metric_names: positive(&o, "max_metric_names", d.max_metric_names, 1_000_000)?,
             known_models: KnownValues::new(&o.strings("known_models")?.unwrap_or_default()),
-            prices: o.objects("prices", price)?.unwrap_or_default(),
-            currency: o.non_empty("currency")?.unwrap_or(d.currency),
+            prices: PriceTable::load(&o)?,
             cost_by_team: o.flag("cost_by_team", false)?,
         })
     }
@@ -147,10 +103,6 @@ impl Config {
         sluice_core::config::read(bytes, Self::load)
     }
 
-    /// The price for `model`, if the table has one.
-    pub fn price(&self, model: &str) -> Option<&Price> {
-        self.prices.iter().find(|p| p.matches(model))
-    }
 }
 
 #[cfg(test)]
@@ -179,8 +131,8 @@ mod tests {
         assert!(!c.inject_include_usage && c.user_label && c.team_label && c.cost_by_team);
         assert_eq!((c.max_request_body_bytes, c.max_response_body_bytes, c.max_label_values), (10, 20, 3));
         assert!(c.known_models.contains("llama-3"));
-        assert_eq!(c.price("gpt-4o-mini").unwrap().cached_input, 1.25);
-        assert_eq!(c.currency, "EUR");
+        assert_eq!(c.prices.price("gpt-4o-mini").unwrap().cached_input, 1.25);
+        assert_eq!(c.prices.currency, "EUR");
     }
 
     #[test]

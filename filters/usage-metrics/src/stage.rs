@@ -240,14 +240,19 @@ impl UsageStage {
                 tpot = Some(per);
             }
         }
-        let cost = self.config.price(&requested).map(|p| cost_micros(p, &usage));
+        // Priced by the model the provider answered with when the table knows it (a failover
+        // or backup model), else by the requested one.
+        let cost = response_model
+            .as_deref()
+            .and_then(|m| self.config.prices.cost_micros(m, &usage))
+            .or_else(|| self.config.prices.cost_micros(&requested, &usage));
         if let Some(c) = cost {
             let mut cost_labels = labels.clone();
             cost_labels.user = None;
             if !self.config.cost_by_team {
                 cost_labels.team = None;
             }
-            rec.count(h, &cost_labels.cost(COST, &self.config.currency), c);
+            rec.count(h, &cost_labels.cost(COST, &self.config.prices.currency), c);
         }
         for (k, v) in [
             (keys::INPUT_TOKENS, usage.input.to_string()),
@@ -274,19 +279,6 @@ impl UsageStage {
         if published_provider.is_none() {
             keys::set_filter_state(h, keys::PROVIDER, &provider);
         }
-    }
-}
-
-/// Cost in micro-units: uncached input, cached input and output at their prices per million.
-pub fn cost_micros(p: &crate::config::Price, u: &TokenUsage) -> u64 {
-    let uncached = u.input.saturating_sub(u.cached_input) as f64;
-    let total = uncached * p.input + u.cached_input as f64 * p.cached_input + u.output as f64 * p.output;
-    // price per million tokens × tokens = micro-units directly.
-    let v = total.round();
-    if v.is_finite() && (0.0..1.8e19).contains(&v) {
-        v as u64
-    } else {
-        0
     }
 }
 
