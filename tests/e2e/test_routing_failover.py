@@ -1,13 +1,14 @@
 """model-failover filter, within one request: seed 001 (three priorities on one always-429
-host), seed 004 (backup models), body handling (413, non-JSON), and config errors that make
-Envoy refuse to start."""
+host), seed 004 (backup models), body handling (413, non-JSON), config errors that make
+Envoy refuse to start, and the provider's 429 as Envoy sees it natively (issue 16 §1) or,
+opted in, rewritten to 503 for Envoy versions without error_matcher."""
 from __future__ import annotations
 
 import json
 
 import requests
 
-from harness import ROOT, chat, sse_events
+from harness import ROOT, chat, sse_events, wait_for
 from test_routing_helpers import access_log_entries, envoy_refuses, models_seen, variant
 
 ENV = {"OPENAI_API_KEY": "sk-test-failover"}
@@ -24,7 +25,8 @@ def well_framed(entry: dict) -> bool:
 
 def test_seed_001_three_priorities_on_one_rate_limited_host(gateway):
     """One client request: the mock sees gpt-4o, gpt-4.0-turbo, gpt-3.5-turbo in that order,
-    with the provider key instead of the client's; the client gets the 429 + retry-after."""
+    with the provider key instead of the client's; the router sees each provider 429 as is
+    and, with no retry left, Envoy itself hands the client the last one (and its retry-after)."""
     gw = gateway("examples/model-failover/envoy.yaml",
                  mocks={18001: {"name": "model-failover", "rate_429": 100, "retry_after": "30"}}, env=ENV)
     mock = gw.mocks[18001]
@@ -52,11 +54,17 @@ def test_seed_001_three_priorities_on_one_rate_limited_host(gateway):
     assert entry["retry_after_s"] == "30"
 
     prom = gw.envoy.prometheus()
-    assert 'sluice_failover_rate_limited{gen_ai_provider_name="openai"} 3' in prom, prom[-2000:]
-    assert 'sluice_failover_attempts{gen_ai_provider_name="openai",gen_ai_request_model="gpt-4.0-turbo"} 1' in prom
+    for model in ("gpt-4o", "gpt-4.0-turbo", "gpt-3.5-turbo"):
+        labels = f'gen_ai_provider_name="openai",gen_ai_request_model="{model}"'
+        assert f"sluice_failover_rate_limited{{{labels}}} 1" in prom, prom[-2000:]
+        assert f"sluice_failover_attempts{{{labels}}} 1" in prom
     assert "sluice_failover_retry_after_ms_bucket" in prom
     stats = gw.envoy.stats()
     assert stats.get("cluster.openai-priorities.upstream_rq_retry") == 2
+    # The router saw 429s, not 503s: two retried, the last one answered.
+    assert stats.get("cluster.openai-priorities.retry.upstream_rq_429") == 2
+    assert stats.get("cluster.openai-priorities.upstream_rq_429") == 1
+    assert not stats.get("cluster.openai-priorities.upstream_rq_503")
 
     # A healthy provider serves the first priority's model; a streaming answer passes through.
     mock.configure(rate_429=0)
@@ -121,7 +129,8 @@ def test_body_cap_non_json_and_streaming(gateway, workdir):
     log = mock.log()
     assert len(log) == 1 and log[0]["body_text"] == "hello, not json"
     assert r.status_code == 400  # the provider's answer, passed through
-    assert 'sluice_failover_body_passthrough{sluice_reason="not_json"} 1' in gw.envoy.prometheus()
+    assert ('sluice_failover_body_passthrough{gen_ai_provider_name="openai",gen_ai_request_model="gpt-4o",'
+            'sluice_reason="not_json"} 1') in gw.envoy.prometheus()
 
     mock.clear_log()
     r = gw.post("/model", json_body=chat("hi", model="a-much-longer-client-model-name"))
@@ -159,3 +168,30 @@ def test_config_errors_make_envoy_refuse(workdir):
         code, log = envoy_refuses(workdir, _upstream_config_variant(bad))
         assert code != 0, log[-2000:]
         assert want in log, f"{want!r} not in Envoy log:\n{log[-3000:]}"
+
+
+def test_the_opt_in_503_rewrite_still_gives_the_client_the_providers_429(gateway, workdir):
+    """rate_limit_status_to: 503 (for Envoy without error_matcher, or outlier detection that
+    only watches gateway errors): the router sees 503 (consecutive_gateway_failure ejects), and
+    the downstream role gives the client the provider's 429 back."""
+    cfg = variant(workdir, "examples/failover-local-to-local/envoy.yaml", [
+        ("value: '{}'", "value: '{\"rate_limit_status_to\":503}'"),
+        ("      consecutive_5xx: 1\n      enforcing_consecutive_5xx: 100\n",
+         "      consecutive_gateway_failure: 1\n      enforcing_consecutive_gateway_failure: 100\n"),
+        # Envoy before 1.36: no error_matcher (and with one, a 503 counts only if it matches).
+        ('        outlier_detection:\n          error_matcher:\n            http_response_headers_match:\n'
+         '              headers: [ { name: ":status", string_match: { safe_regex: { regex: "429|5[0-9][0-9]" } } } ]\n', ''),
+    ])
+    gw = gateway(cfg, mocks={18001: {"name": "qwen-1.8b", "rate_429": 100, "retry_after": "11"},
+                             18002: {"name": "qwen-0.5b", "rate_429": 100, "retry_after": "12"}})
+    r = gw.post("/failover", json_body=chat("hi"))
+    assert r.status_code == 429, r.text
+    # The last attempt's provider's own retry-after.
+    assert r.headers.get("retry-after") == {"qwen-1.8b": "11", "qwen-0.5b": "12"}[r.headers["x-mock-provider"]]
+    assert "x-sluice-original-status" not in r.headers
+    stats = gw.envoy.stats()
+    assert stats.get("cluster.qwen-failover.upstream_rq_503") == 1, "the router saw the mapped 503"
+    assert not stats.get("cluster.qwen-failover.upstream_rq_429")
+    wait_for(lambda: gw.envoy.stats().get(
+        "cluster.qwen-failover.outlier_detection.ejections_enforced_consecutive_gateway_failure", 0) >= 1,
+        10, "the mapped 503 ejected the host")

@@ -4,11 +4,14 @@
 - a client's x-envoy-attempt-count never chooses a backup model (issue 13 §6);
 - the per-attempt backup-model rewrite on /v1/responses and /v1/messages (issue 19 §1);
 - a large multi-chunk body through the upstream role arrives byte-exact after the rewrite
-  (Envoy 1.40's fix for filters that resume and then buffer, issue 16 §6).
+  (Envoy 1.40's fix for filters that resume and then buffer, issue 16 §6);
+- every metric the upstream role emits carries the provider and model labels in Prometheus
+  (Envoy 1.39+ emits upstream filters' stats in the root scope, without the cluster; §6).
 Assertions read what the mock providers received (their request log)."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 from h2client import h2_request
@@ -256,3 +259,67 @@ def test_large_multi_chunk_body_through_the_upstream_role_is_byte_exact(gateway)
                    [data[i:i + 10000] for i in range(0, len(data), 10000)], trailers={"x-end": "1"})
     assert r.status == 200, r.text
     check("h2 + trailers")
+
+
+# Every metric the upstream role emits (sluice_failover_cooldown_recorded and
+# sluice_failover_context_overflow carry the same labels; their own tests check them:
+# test_routing_cooldown.py, test_routing_context.py).
+UPSTREAM_METRICS = {
+    "sluice_failover_attempts", "sluice_failover_rate_limited", "sluice_failover_retry_after_ms",
+    "sluice_failover_body_passthrough", "sluice_failover_body_too_large", "sluice_failover_credential_missing",
+    "sluice_failover_misconfigured",
+}
+
+
+def metrics_config() -> str:
+    """Two clusters with only the upstream role (no downstream filter at all): `openai`
+    (a key that is not in the environment, 2000-byte body cap) and
+    `backup` (backup_models, refused without the downstream role)."""
+    text = credentials_config()
+    start = text.index("          http_filters:\n          - name: sluice.model_failover.downstream")
+    end = text.index("          - name: envoy.filters.http.router")
+    text = text[:start] + "          http_filters:\n" + text[end:]
+    tags = (ROOT / "envoy" / "stats-tags.yaml").read_text().split("stats_flush_interval: 1s\n", 1)[1]
+    text = text.replace("static_resources:", "stats_flush_interval: 1s\n" + tags + "static_resources:", 1)
+    cfgs = {"openai": {"max_body_bytes": 2000, "providers": {"openai": {"credential_env": "NOT_SET_ANYWHERE"}}},
+            "azure": {"backup_models": ["gpt-4.1"]}}
+    default = json.dumps({"providers": PROFILES})
+    parts = text.split(f"value: '{default}'")
+    assert len(parts) == 1 + len(PROFILES)
+    out = parts[0]
+    for name, rest in zip(PORTS, parts[1:]):
+        out += f"value: '{json.dumps(cfgs.get(name, {}))}'" + rest
+    return out
+
+
+def test_every_upstream_metric_carries_provider_and_model_labels(gateway, workdir):
+    cfg = workdir / "metrics.yaml"
+    cfg.write_text(metrics_config())
+    gw = gateway(cfg, mocks={port: {"name": name} for name, port in PORTS.items()}, env=ENV)
+    statuses = [
+        gw.post("/openai/chat/completions", json_body=chat("hi", model="m")).status_code,               # 200
+        gw.post("/openai/chat/completions", json_body=chat("hi"), headers={"x-mock-fail": "429"}).status_code,  # 429
+        gw.post("/openai/chat/completions", data=b"not json", headers={"content-type": "text/plain"}).status_code,
+        gw.post("/openai/chat/completions", json_body=chat("x" * 5000)).status_code,                    # 413
+        gw.post("/azure/chat/completions", json_body=chat("hi")).status_code,   # 500: backup_models, no downstream role
+    ]
+    print("statuses", statuses)
+    prom = gw.envoy.prometheus()
+    lines = [l for l in prom.splitlines() if l.startswith("sluice_failover_")]
+    print("\n".join(lines))
+    seen = set()
+    for line in lines:
+        m = re.match(r"(sluice_failover_[a-z_]+?)(_bucket|_sum|_count)?\{(.*)\} ", line)
+        assert m, f"no labels: {line}"
+        base, labels = m.group(1), m.group(3)
+        if base not in UPSTREAM_METRICS:
+            continue
+        seen.add(base)
+        assert re.search(r'gen_ai_provider_name="[^"]+"', labels), line
+        assert re.search(r'gen_ai_request_model="[^"]+"', labels), line
+        assert "envoy_cluster_name" not in labels, line
+    assert seen == UPSTREAM_METRICS, f"not emitted: {sorted(UPSTREAM_METRICS - seen)}"
+    assert statuses == [200, 429, 400, 413, 500], statuses
+    assert 'sluice_failover_rate_limited{gen_ai_provider_name="openai",gen_ai_request_model="openai-model"} 1' in prom
+    assert not [l for l in prom.splitlines() if "sluice_failover" in l and l.startswith("envoy_")], \
+        "an upstream filter metric kept a cluster-scoped name"

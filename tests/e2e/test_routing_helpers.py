@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -10,12 +11,20 @@ from pathlib import Path
 from harness import ENVOY, ROOT, config_ports, free_port, render_config, wait_for
 
 FILTER_WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "sluice_model_failover.wasm"
+# Where example configs are read from; another checkout's root (e.g. the pre-fix tree) runs the
+# same test against that tree's examples (with SLUICE_TARGET_DIR pointing at its .wasm files).
+EXAMPLES_ROOT = Path(os.environ.get("SLUICE_EXAMPLES_ROOT", ROOT))
+
+
+def example(config: str) -> Path:
+    """An example config (e.g. "examples/priority-groups/envoy.yaml") from EXAMPLES_ROOT."""
+    return EXAMPLES_ROOT / config
 
 
 def variant(workdir: Path, config: str, replacements: list[tuple[str, str]]) -> Path:
     """A copy of `config` (e.g. "examples/priority-groups/envoy.yaml") with text replaced
     (each `old` must occur), written into the test's workdir; pass the result to gateway()."""
-    text = (ROOT / config).read_text()
+    text = example(config).read_text()
     for old, new in replacements:
         assert old in text, f"{old!r} not found in {config}"
         text = text.replace(old, new)

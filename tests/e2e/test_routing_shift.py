@@ -138,3 +138,19 @@ def test_failover_public_to_local_connection_refused(gateway, workdir):
     r = gw.post("/openai", json_body=seed_body())
     assert r.status_code == 200, r.text
     assert served_by(r) == "qwen-0.5b" and r.json()["model"] == "qwen:0.5b"
+
+
+def test_a_provider_5xx_still_ejects_with_the_429_error_matcher(gateway):
+    """HttpProtocolOptions.outlier_detection.error_matcher replaces Envoy's own 5xx rule: the
+    examples list 429 and 5xx in it, so a provider's 503 still ejects (with only 429 listed,
+    it would not)."""
+    gw = gateway("examples/failover-local-to-local/envoy.yaml", mocks={
+        18001: {"name": "qwen-1.8b", "rate_503": 100},
+        18002: {"name": "qwen-0.5b"},
+    })
+    preferred = gw.mocks[18001]
+    for _ in range(5):
+        r = gw.post("/failover", json_body=seed_body())
+        assert r.status_code == 200 and served_by(r) == "qwen-0.5b", r.text
+    assert len(preferred.log()) == 1, "the 503ing host was not ejected"
+    assert gw.envoy.stats().get("cluster.qwen-failover.outlier_detection.ejections_enforced_consecutive_5xx") == 1

@@ -14,10 +14,10 @@
 //! changes to one function, not as the per-request cost (scripts/bench.sh measures that).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-use sluice_core::sse::SseParser;
-use sluice_core::usage::{usage_from_json, StreamUsage};
 use sluice_core::api::{self, Api};
 use sluice_core::json;
+use sluice_core::sse::SseParser;
+use sluice_core::usage::{usage_from_json, StreamUsage};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -193,20 +193,18 @@ fn main() {
         });
         let parsed = json::parse_object(&body).unwrap();
         b.run(&format!("json: serialize chat request {label}"), body.len(), || serde_json::to_vec(black_box(&parsed)));
-        b.run(&format!("api: prompt bytes of a chat request {label}"), body.len(), || api::prompt_bytes(black_box(&parsed)));
+        b.run(&format!("api: prompt bytes of a chat request {label}"), body.len(), || {
+            api::prompt_bytes(black_box(&parsed))
+        });
         // The body rewrite a composed gateway does once: parse, change, serialize
         // (enrichment's prepend, failover's model swap, usage-metrics' include_usage).
-        b.run(
-            &format!("rewrite chat request {label} (parse + prepend + set model + serialize)"),
-            body.len(),
-            || {
-                let mut req = json::parse_object(black_box(&body)).unwrap();
-                api::add_system_text(Api::Chat, &mut req, "You answer for bench-user.");
-                api::set_model(&mut req, "gpt-4o-mini");
-                api::ensure_include_usage(Api::Chat, &mut req);
-                serde_json::to_vec(&req)
-            },
-        );
+        b.run(&format!("rewrite chat request {label} (parse + prepend + set model + serialize)"), body.len(), || {
+            let mut req = json::parse_object(black_box(&body)).unwrap();
+            api::add_system_text(Api::Chat, &mut req, "You answer for bench-user.");
+            api::set_model(&mut req, "gpt-4o-mini");
+            api::ensure_include_usage(Api::Chat, &mut req);
+            serde_json::to_vec(&req)
+        });
     }
 
     let stream = sse_stream();

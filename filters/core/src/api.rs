@@ -753,25 +753,45 @@ mod tests {
             "stop": ["STOP"]
         });
         let t = texts(body, None);
-        for want in ["sys", "NAME", "part", "REFUSAL", "ARGS", "TOOLRESULT", "DESC", "PROPNAME", "PDESC", "SCHEMAPROP", "PREDICTION"] {
+        for want in [
+            "sys",
+            "NAME",
+            "part",
+            "REFUSAL",
+            "ARGS",
+            "TOOLRESULT",
+            "DESC",
+            "PROPNAME",
+            "PDESC",
+            "SCHEMAPROP",
+            "PREDICTION",
+        ] {
             assert!(t.iter().any(|x| x == want), "{want} not visited: {t:?}");
         }
-        for never in ["gpt-4o", "u1", "secret-meta", "call_1", "function", "data:image/png;base64,AAAA", "user", "assistant"] {
+        for never in
+            ["gpt-4o", "u1", "secret-meta", "call_1", "function", "data:image/png;base64,AAAA", "user", "assistant"]
+        {
             assert!(!t.iter().any(|x| x == never), "{never} visited: {t:?}");
         }
     }
 
     #[test]
     fn other_endpoints_are_visited_too() {
-        let r = texts(json!({"model": "m", "instructions": "INSTR", "input": [{"role": "user",
-            "content": [{"type": "input_text", "text": "ITEM"}]}]}), None);
+        let r = texts(
+            json!({"model": "m", "instructions": "INSTR", "input": [{"role": "user",
+            "content": [{"type": "input_text", "text": "ITEM"}]}]}),
+            None,
+        );
         assert_eq!(r, ["INSTR", "ITEM"]);
         assert_eq!(texts(json!({"model": "m", "input": "STR"}), None), ["STR"]);
         assert_eq!(texts(json!({"model": "m", "input": ["A", "B"]}), None), ["A", "B"]);
         assert_eq!(texts(json!({"model": "m", "prompt": ["P1", "P2"]}), None), ["P1", "P2"]);
-        let m = texts(json!({"model": "m", "max_tokens": 5, "system": [{"type": "text", "text": "SYS"}],
+        let m = texts(
+            json!({"model": "m", "max_tokens": 5, "system": [{"type": "text", "text": "SYS"}],
             "messages": [{"role": "user", "content": [{"type": "text", "text": "HI"},
-                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "QUFB"}}]}]}), None);
+                {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "QUFB"}}]}]}),
+            None,
+        );
         assert!(m.contains(&"SYS".to_string()) && m.contains(&"HI".to_string()), "{m:?}");
     }
 
@@ -862,7 +882,12 @@ mod tests {
             }
         });
         assert_eq!(got, [("response.output_text:msg_1:0".to_string(), "hel".to_string())]);
-        let d = delta_event(Api::Responses, &json!({}), &Channel { index: 0, field: "response.output_text:msg_1:0".into() }, "lo".into());
+        let d = delta_event(
+            Api::Responses,
+            &json!({}),
+            &Channel { index: 0, field: "response.output_text:msg_1:0".into() },
+            "lo".into(),
+        );
         assert_eq!(d["type"], "response.output_text.delta");
         assert_eq!(d["item_id"], "msg_1");
 

@@ -315,7 +315,6 @@ pub fn test_encode_metadata(namespace: &str, meta: &Value) -> Vec<u8> {
     md
 }
 
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {

@@ -321,8 +321,14 @@ impl Event {
             return self.sse.raw.clone();
         }
         let data = self.json.as_ref().map_or_else(|| self.sse.data.clone(), Value::to_string);
-        SseEvent { data, event: self.sse.event.clone(), id: self.sse.id.clone(), retry: self.sse.retry, raw: Vec::new() }
-            .to_bytes()
+        SseEvent {
+            data,
+            event: self.sse.event.clone(),
+            id: self.sse.id.clone(),
+            retry: self.sse.retry,
+            raw: Vec::new(),
+        }
+        .to_bytes()
     }
 }
 
@@ -543,7 +549,12 @@ mod tests {
     fn identity_round_trips_through_filter_state() {
         let mut h = FakeHost::default();
         let mut x = Exchange::new(1);
-        let id = Identity { method: "jwt".into(), user: Some("alice".into()), team: Some("ml".into()), ..Identity::default() };
+        let id = Identity {
+            method: "jwt".into(),
+            user: Some("alice".into()),
+            team: Some("ml".into()),
+            ..Identity::default()
+        };
         x.set_identity(&mut h, id.clone());
         assert_eq!(h.state(keys::USER).as_deref(), Some("alice"));
         let mut other = Exchange::new(2);

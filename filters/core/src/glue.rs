@@ -124,11 +124,7 @@ impl RootContext for Root {
 
     fn create_http_context(&self, id: u32) -> Option<Box<dyn HttpContext>> {
         let pipeline = if self.ok {
-            let slots = self
-                .plugins
-                .iter()
-                .map(|p| Slot::of(p.as_ref()))
-                .collect();
+            let slots = self.plugins.iter().map(|p| Slot::of(p.as_ref())).collect();
             Pipeline::new(id, slots, Rc::clone(&self.routes))
         } else {
             Pipeline::misconfigured(id, self.name)

@@ -219,8 +219,7 @@ mod tests {
 
     #[test]
     fn parses_objects_and_refuses_duplicates_anywhere() {
-        let v = parse_object(br#"{"model":"a","messages":[{"role":"user","content":"hi"}],"n":1.5,"x":null}"#)
-            .unwrap();
+        let v = parse_object(br#"{"model":"a","messages":[{"role":"user","content":"hi"}],"n":1.5,"x":null}"#).unwrap();
         assert_eq!(v["model"], "a");
         assert_eq!(v["n"], 1.5);
         for (body, path) in [

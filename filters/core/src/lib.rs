@@ -54,4 +54,3 @@ macro_rules! filter_main {
         }
     };
 }
-

@@ -137,7 +137,6 @@ impl MetricIds {
     }
 }
 
-
 /// The one metrics helper: defines each name once per VM (cached id) and updates it.
 /// Interior mutability is local to each call (no borrow is held across host calls that could
 /// re-enter), so it is never busy.
@@ -160,7 +159,9 @@ impl Metrics {
         };
         if found.is_none() {
             let id = match self.dropped.try_borrow_mut() {
-                Ok(mut d) => *d.get_or_insert_with(|| host.define_metric(MetricKind::Counter, DROPPED).unwrap_or(u32::MAX)),
+                Ok(mut d) => {
+                    *d.get_or_insert_with(|| host.define_metric(MetricKind::Counter, DROPPED).unwrap_or(u32::MAX))
+                }
                 Err(_) => u32::MAX,
             };
             if id != u32::MAX {

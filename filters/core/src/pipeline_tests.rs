@@ -134,7 +134,13 @@ fn body_is_held_then_decided_once_and_rewritten_once() {
     h.phase = Phase::RequestBody;
     h.req_body = br#"{"model":"m","messages":[]}"#.to_vec();
     assert_eq!(p.on_request_body(&mut h, 10, false), Act::Pause);
-    assert_eq!({ let n = h.req_body.len(); p.on_request_body(&mut h, n, true) }, Act::Continue);
+    assert_eq!(
+        {
+            let n = h.req_body.len();
+            p.on_request_body(&mut h, n, true)
+        },
+        Act::Continue
+    );
     let sent: Value = serde_json::from_slice(&h.req_body).unwrap();
     assert_eq!(sent["model"], "y");
     assert_eq!(h.req_header("content-length"), Some(h.req_body.len().to_string()), "the new length");
@@ -153,7 +159,13 @@ fn request_trailers_end_the_body_exactly_like_end_of_stream() {
     assert_eq!(p.on_request_headers(&mut h, false), Act::Pause);
     h.phase = Phase::RequestBody;
     h.req_body = br#"{"model":"bad"}"#.to_vec();
-    assert_eq!({ let n = h.req_body.len(); p.on_request_body(&mut h, n, false) }, Act::Pause);
+    assert_eq!(
+        {
+            let n = h.req_body.len();
+            p.on_request_body(&mut h, n, false)
+        },
+        Act::Pause
+    );
     assert_eq!(p.on_request_trailers(&mut h), Act::Pause);
     assert_eq!(h.replies.len(), 1, "refused at the trailers, never forwarded");
     assert_eq!(h.replies[0].status, 403);
@@ -189,7 +201,13 @@ fn duplicate_keys_are_refused_before_any_stage_reads_them() {
     let mut h = post();
     p.on_request_headers(&mut h, false);
     h.req_body = br#"{"model":"ok","model":"other"}"#.to_vec();
-    assert_eq!({ let n = h.req_body.len(); p.on_request_body(&mut h, n, true) }, Act::Pause);
+    assert_eq!(
+        {
+            let n = h.req_body.len();
+            p.on_request_body(&mut h, n, true)
+        },
+        Act::Pause
+    );
     assert_eq!(h.replies[0].status, 400);
     let body: Value = serde_json::from_slice(&h.replies[0].body).unwrap();
     assert_eq!(body["error"]["code"], "duplicate_json_key");
@@ -228,7 +246,14 @@ fn callout_in_headers_with_the_body_arriving_meanwhile() {
     let mut h = post();
     assert_eq!(p.on_request_headers(&mut h, false), Act::Pause);
     h.req_body = br#"{"model":"m"}"#.to_vec();
-    assert_eq!({ let n = h.req_body.len(); p.on_request_body(&mut h, n, true) }, Act::Pause, "still waiting");
+    assert_eq!(
+        {
+            let n = h.req_body.len();
+            p.on_request_body(&mut h, n, true)
+        },
+        Act::Pause,
+        "still waiting"
+    );
     h.call_resp_headers = vec![(":status".into(), b"200".to_vec())];
     p.on_callout(&mut h, 1, None, 0);
     assert_eq!(h.resumed_requests, 1);
@@ -271,7 +296,13 @@ fn callout_in_headers_then_body_later() {
     p.on_callout(&mut h, 1, None, 0);
     assert_eq!(h.resumed_requests, 0, "the body is still to come: not resumed");
     h.req_body = br#"{"model":"m"}"#.to_vec();
-    assert_eq!({ let n = h.req_body.len(); p.on_request_body(&mut h, n, true) }, Act::Continue);
+    assert_eq!(
+        {
+            let n = h.req_body.len();
+            p.on_request_body(&mut h, n, true)
+        },
+        Act::Continue
+    );
 }
 
 #[test]
@@ -284,7 +315,13 @@ fn callout_answer_can_refuse_and_a_stray_token_is_ignored() {
     let mut h = post();
     p.on_request_headers(&mut h, false);
     h.req_body = br#"{"model":"m"}"#.to_vec();
-    assert_eq!({ let n = h.req_body.len(); p.on_request_body(&mut h, n, true) }, Act::Pause);
+    assert_eq!(
+        {
+            let n = h.req_body.len();
+            p.on_request_body(&mut h, n, true)
+        },
+        Act::Pause
+    );
     p.on_callout(&mut h, 99, None, 0);
     assert!(h.replies.is_empty() && h.resumed_requests == 0);
     h.call_resp_headers = vec![(":status".into(), b"401".to_vec())];
@@ -323,7 +360,10 @@ fn a_reply_passes_only_the_stages_before_the_one_that_sent_it() {
     let mut h = post();
     p.on_request_headers(&mut h, false);
     h.req_body = br#"{"model":"bad"}"#.to_vec();
-    { let n = h.req_body.len(); p.on_request_body(&mut h, n, true) };
+    {
+        let n = h.req_body.len();
+        p.on_request_body(&mut h, n, true)
+    };
     h.phase = Phase::ResponseHeaders;
     h.resp_headers = vec![(":status".into(), b"403".to_vec())];
     p.on_response_headers(&mut h, false);
@@ -450,12 +490,15 @@ fn held_response_headers_can_be_changed_once_the_body_is_read() {
     assert!(h.refused.is_empty(), "{:?}", h.refused);
 
     // A 200 is not held; a held 400 that ends with its headers, or streams, is not held either.
-    for (status, ct, eos) in [("200", "application/json", false), ("400", "application/json", true), ("400", "text/event-stream", false)] {
+    for (status, ct, eos) in
+        [("200", "application/json", false), ("400", "application/json", true), ("400", "text/event-stream", false)]
+    {
         let mut p = Pipeline::new(2, vec![slot()], Rc::clone(&routes));
         let mut h = post();
         p.on_request_headers(&mut h, true);
         h.phase = Phase::ResponseHeaders;
-        h.resp_headers = vec![(":status".into(), status.as_bytes().to_vec()), ("content-type".into(), ct.as_bytes().to_vec())];
+        h.resp_headers =
+            vec![(":status".into(), status.as_bytes().to_vec()), ("content-type".into(), ct.as_bytes().to_vec())];
         assert_eq!(p.on_response_headers(&mut h, eos), Act::Continue, "{status} {ct} {eos}");
     }
 }

@@ -18,8 +18,8 @@
 
 #![allow(unsafe_code)] // The one module that talks to the host ABI.
 
-use crate::errors::LocalReply;
 use crate::encoding::{decode_map, encode_map};
+use crate::errors::LocalReply;
 use crate::host::{HeaderPairs, Host, SharedDataError};
 use crate::metrics::MetricKind;
 use std::ptr::{null, null_mut};
@@ -288,9 +288,8 @@ impl Host for ProxyHost {
     }
     fn set_shared_data(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SharedDataError> {
         // SAFETY: key and value are live slices.
-        let s = unsafe {
-            proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas.unwrap_or(0))
-        };
+        let s =
+            unsafe { proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas.unwrap_or(0)) };
         match s {
             OK => Ok(()),
             CAS_MISMATCH => Err(SharedDataError::CasMismatch),

@@ -73,7 +73,8 @@ pub struct RouteCache {
 impl RouteCache {
     /// The settings of the route this request matched (2 host calls on a miss, 1 on a hit).
     pub fn lookup(&mut self, h: &dyn Host) -> Rc<Route> {
-        let name = h.property(&["xds", "route_name"]).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+        let name =
+            h.property(&["xds", "route_name"]).map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
         let now = h.now();
         if !name.is_empty() {
             if let Some((r, at)) = self.routes.get(&name) {
@@ -113,7 +114,8 @@ mod tests {
     fn reads_once_per_route_and_expires() {
         let mut fake = FakeHost::default();
         fake.set_prop(&["xds", "route_name"], "chat");
-        fake.properties.insert("xds/route_metadata".into(), metadata_bytes(&json!({"provider": "openai", "n": 3, "on": true})));
+        fake.properties
+            .insert("xds/route_metadata".into(), metadata_bytes(&json!({"provider": "openai", "n": 3, "on": true})));
         let h = CountingHost::new(fake);
         let mut c = RouteCache::default();
         let r = c.lookup(&h);

@@ -186,10 +186,9 @@ pub fn take_hold_headers(doc: &mut serde_json::Value) -> Result<bool, ConfigErro
     match map.remove(HOLD_HEADERS) {
         None | Some(serde_json::Value::Null) => Ok(true),
         Some(serde_json::Value::Bool(b)) => Ok(b),
-        Some(v) => Err(ConfigError::new(
-            HOLD_HEADERS,
-            format!("expected true or false, got {}", crate::config::json_kind(&v)),
-        )),
+        Some(v) => {
+            Err(ConfigError::new(HOLD_HEADERS, format!("expected true or false, got {}", crate::config::json_kind(&v))))
+        }
     }
 }
 

@@ -92,12 +92,7 @@ fn count(obj: &serde_json::Map<String, Value>, names: &[&str]) -> Result<Option<
 }
 
 fn detail(obj: &serde_json::Map<String, Value>, parent: &[&str], name: &str) -> u64 {
-    parent
-        .iter()
-        .find_map(|p| obj.get(*p))
-        .and_then(|d| d.get(name))
-        .and_then(Value::as_u64)
-        .unwrap_or(0)
+    parent.iter().find_map(|p| obj.get(*p)).and_then(|d| d.get(name)).and_then(Value::as_u64).unwrap_or(0)
 }
 
 /// Usage from a `usage` object of any format. At least one of input or output must be
@@ -422,7 +417,10 @@ mod tests {
             "prompt_tokens_details": {"cached_tokens": 40, "audio_tokens": 3},
             "completion_tokens_details": {"reasoning_tokens": 20, "audio_tokens": 2}});
         let u = usage_from_value(&chat).unwrap();
-        assert_eq!((u.input, u.output, u.cached_input, u.reasoning, u.audio_input, u.audio_output), (100, 50, 40, 20, 3, 2));
+        assert_eq!(
+            (u.input, u.output, u.cached_input, u.reasoning, u.audio_input, u.audio_output),
+            (100, 50, 40, 20, 3, 2)
+        );
         let resp = json!({"input_tokens": 10, "output_tokens": 5, "total_tokens": 15,
             "input_tokens_details": {"cached_tokens": 4}, "output_tokens_details": {"reasoning_tokens": 2}});
         let u = usage_from_value(&resp).unwrap();
@@ -465,16 +463,22 @@ mod tests {
         let mut s = StreamUsage::new(Api::Chat);
         feed(&mut s, &[json!({"choices": [{"delta": {"content": "abcdefgh"}}]})]);
         assert_eq!(s.usage(), None);
-        assert_eq!(s.usage_or_estimate(10), TokenUsage { input: 3, output: 2, total: 5, estimated: true, ..TokenUsage::default() });
+        assert_eq!(
+            s.usage_or_estimate(10),
+            TokenUsage { input: 3, output: 2, total: 5, estimated: true, ..TokenUsage::default() }
+        );
     }
 
     #[test]
     fn responses_stream_usage() {
         let mut s = StreamUsage::new(Api::Responses);
-        feed(&mut s, &[
-            json!({"type": "response.created", "response": {"model": "gpt-5", "usage": null}}),
-            json!({"type": "response.output_text.delta", "delta": "abcd"}),
-        ]);
+        feed(
+            &mut s,
+            &[
+                json!({"type": "response.created", "response": {"model": "gpt-5", "usage": null}}),
+                json!({"type": "response.output_text.delta", "delta": "abcd"}),
+            ],
+        );
         let done = json!({"type": "response.completed", "response": {"usage": {"input_tokens": 7, "output_tokens": 2, "total_tokens": 9}}});
         assert_eq!(s.observe(Some(&done), false), Observed::Done);
         assert_eq!(s.usage(), real(7, 2, 9));
@@ -485,14 +489,20 @@ mod tests {
     #[test]
     fn messages_stream_usage_is_split() {
         let mut s = StreamUsage::new(Api::Messages);
-        feed(&mut s, &[
-            json!({"type": "message_start", "message": {"model": "claude", "usage": {"input_tokens": 20, "output_tokens": 1, "cache_read_input_tokens": 5}}}),
-            json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hello"}}),
-        ]);
+        feed(
+            &mut s,
+            &[
+                json!({"type": "message_start", "message": {"model": "claude", "usage": {"input_tokens": 20, "output_tokens": 1, "cache_read_input_tokens": 5}}}),
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hello"}}),
+            ],
+        );
         // Cut before message_delta: input known, output estimated.
         let est = s.usage_or_estimate(0);
         assert_eq!((est.input, est.output, est.estimated), (25, 2, true));
-        feed(&mut s, &[json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 15}})]);
+        feed(
+            &mut s,
+            &[json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 15}})],
+        );
         assert_eq!(s.observe(Some(&json!({"type": "message_stop"})), false), Observed::Done);
         let u = s.usage().unwrap();
         assert_eq!((u.input, u.output, u.total, u.cached_input, u.estimated), (25, 15, 40, 5, false));

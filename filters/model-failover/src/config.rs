@@ -2,17 +2,53 @@
 
 use sluice_core::config::{validate_env_var_name, validate_header_name, ConfigError, Obj};
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// Default request-body cap (bytes); Envoy's own default buffer limit is 1 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
-/// Default status the upstream filter shows the router instead of a provider's 429.
-pub const DEFAULT_RATE_LIMIT_STATUS_TO: u32 = 503;
+/// Default status the upstream filter shows the router instead of a provider's 429: `429`,
+/// i.e. unchanged. Envoy 1.36+ counts a 429 for outlier detection itself
+/// (`HttpProtocolOptions.outlier_detection.error_matcher`); `503` restores the old rewrite for
+/// Envoy versions without it.
+pub const DEFAULT_RATE_LIMIT_STATUS_TO: u32 = 429;
+/// Default cap on a provider's requested wait that the upstream role records as a cooldown.
+pub const DEFAULT_MAX_COOLDOWN: Duration = Duration::from_secs(3600);
+/// Response header the upstream role sets on a context-window error it read, for the route's
+/// `retry_policy.retriable_headers`; the downstream role removes it before the client sees it.
+pub const RETRY_MARKER_HEADER: &str = "x-sluice-retry";
+/// Value of [`RETRY_MARKER_HEADER`] for a prompt longer than the model's context window.
+pub const RETRY_MARKER_CONTEXT: &str = "context-length";
+/// Request header carrying the per-request group order (base64 of a protobuf `Value`) from the
+/// downstream role to Envoy's `header_to_metadata` filter; a client's copy is always removed.
+pub const GROUPS_HEADER: &str = "x-sluice-failover-groups";
+/// Provider error bodies that mean "the prompt does not fit the model's context window"
+/// (matched case-insensitively as substrings of a 400/413/422 body):
+/// OpenAI and Azure OpenAI (`context_length_exceeded`, "This model's maximum context length
+/// is N tokens"), vLLM (the same sentence; "... is longer than the maximum model length"),
+/// Anthropic ("prompt is too long: N tokens > M maximum"), llama.cpp's server
+/// (`exceed_context_size_error`, "the request exceeds the available context size"), Ollama
+/// ("the input length exceeds the context length"; its chat endpoints truncate instead),
+/// Google Gemini ("The input token count (N) exceeds the maximum number of tokens allowed"),
+/// AWS Bedrock ("Input is too long for requested model").
+pub const DEFAULT_CONTEXT_OVERFLOW_MARKERS: &[&str] = &[
+    "context_length_exceeded",
+    "maximum context length",
+    "longer than the maximum model length",
+    "prompt is too long",
+    "exceed_context_size_error",
+    "exceeds the available context size",
+    "exceeds the context length",
+    "exceeds the maximum number of tokens allowed",
+    "input is too long",
+];
+/// Statuses whose body is checked for [`DEFAULT_CONTEXT_OVERFLOW_MARKERS`].
+pub const CONTEXT_OVERFLOW_STATUSES: &[u32] = &[400, 413, 422];
 /// Internal response header carrying the provider's original status to the downstream role.
 pub const ORIGINAL_STATUS_HEADER: &str = "x-sluice-original-status";
 /// The attempt number Envoy's router sends (with `include_request_attempt_count: true`).
 pub const ATTEMPT_COUNT_HEADER: &str = "x-envoy-attempt-count";
 /// Request headers only Envoy or sluice may set: the downstream role removes a client's copy.
-pub const INTERNAL_REQUEST_HEADERS: &[&str] = &[ATTEMPT_COUNT_HEADER, ORIGINAL_STATUS_HEADER];
+pub const INTERNAL_REQUEST_HEADERS: &[&str] = &[ATTEMPT_COUNT_HEADER, ORIGINAL_STATUS_HEADER, GROUPS_HEADER];
 
 /// Client credential headers removed before an attempt goes to a provider that takes the
 /// gateway's key (the client's credential is for the gateway, never for a provider):
@@ -35,9 +71,13 @@ pub enum Role {
     /// Cluster upstream filter: runs once per attempt.
     #[default]
     Upstream,
-    /// Connection-manager filter: removes client copies of internal headers, restores the
-    /// provider's original status for the client.
+    /// Connection-manager filter: removes client copies of internal headers, writes the
+    /// per-request group order from the cooldown table, restores the provider's original
+    /// status and removes internal response headers.
     Downstream,
+    /// Connection-manager filter after `header_to_metadata`: clears the route cache so the
+    /// first attempt's cluster is picked with the group order the downstream role wrote.
+    RouteRefresh,
 }
 
 /// How the client's own credential is handled for an endpoint.
@@ -98,6 +138,12 @@ pub struct Config {
     /// Client credential headers removed before every attempt (see
     /// [`DEFAULT_CLIENT_CREDENTIAL_HEADERS`]).
     pub client_credential_headers: Vec<String>,
+    /// Mark a provider's context-window error retriable ([`RETRY_MARKER_HEADER`]).
+    pub retry_context_overflow: bool,
+    /// Lowercase substrings of an error body that mean a context-window overflow.
+    pub context_overflow_markers: Vec<String>,
+    /// Longest cooldown recorded for a rate-limited cluster.
+    pub max_cooldown: Duration,
 }
 
 impl Default for Config {
@@ -109,6 +155,9 @@ impl Default for Config {
             rate_limit_status_to: DEFAULT_RATE_LIMIT_STATUS_TO,
             providers: BTreeMap::new(),
             client_credential_headers: DEFAULT_CLIENT_CREDENTIAL_HEADERS.iter().map(|s| s.to_string()).collect(),
+            retry_context_overflow: false,
+            context_overflow_markers: DEFAULT_CONTEXT_OVERFLOW_MARKERS.iter().map(|s| s.to_string()).collect(),
+            max_cooldown: DEFAULT_MAX_COOLDOWN,
         }
     }
 }
@@ -212,11 +261,24 @@ impl Config {
             "rate_limit_status_to",
             "providers",
             "client_credential_headers",
+            "retry_context_overflow",
+            "context_overflow_markers",
+            "max_cooldown",
         ])?;
-        let role = match o.choice("role", &["upstream", "downstream"])?.as_deref() {
+        let role = match o.choice("role", &["upstream", "downstream", "route_refresh"])?.as_deref() {
             Some("downstream") => Role::Downstream,
+            Some("route_refresh") => Role::RouteRefresh,
             _ => Role::Upstream,
         };
+        if role != Role::Upstream {
+            for key in
+                ["backup_models", "retry_context_overflow", "context_overflow_markers", "max_cooldown", "providers"]
+            {
+                if o.has(key) {
+                    return Err(o.err(key, "only the upstream role (cluster http_filters) uses this field"));
+                }
+            }
+        }
         let backup_models = match o.strings("backup_models")? {
             None => Vec::new(),
             Some(list) if list.is_empty() => {
@@ -231,9 +293,6 @@ impl Config {
                 list
             }
         };
-        if role == Role::Downstream && !backup_models.is_empty() {
-            return Err(o.err("backup_models", "only the upstream role (cluster http_filters) uses backup models"));
-        }
         let max_body_bytes = match o.count("max_body_bytes")? {
             None => DEFAULT_MAX_BODY_BYTES,
             Some(0) => return Err(o.err("max_body_bytes", "must be greater than 0")),
@@ -255,7 +314,37 @@ impl Config {
         }
         let client_credential_headers = header_list(&o, "client_credential_headers")?
             .unwrap_or_else(|| DEFAULT_CLIENT_CREDENTIAL_HEADERS.iter().map(|s| s.to_string()).collect());
-        Ok(Self { role, backup_models, max_body_bytes, rate_limit_status_to, providers, client_credential_headers })
+        let retry_context_overflow = o.flag("retry_context_overflow", false)?;
+        let context_overflow_markers = match o.strings("context_overflow_markers")? {
+            None => DEFAULT_CONTEXT_OVERFLOW_MARKERS.iter().map(|s| s.to_string()).collect(),
+            Some(list) if list.is_empty() => {
+                return Err(
+                    o.err("context_overflow_markers", "must list at least one marker (omit it for the defaults)")
+                )
+            }
+            Some(list) => {
+                if let Some(i) = list.iter().position(|m| m.trim().is_empty()) {
+                    return Err(ConfigError::new(format!("context_overflow_markers[{i}]"), "empty marker"));
+                }
+                list.iter().map(|m| m.trim().to_ascii_lowercase()).collect()
+            }
+        };
+        let max_cooldown = match o.duration("max_cooldown")? {
+            None => DEFAULT_MAX_COOLDOWN,
+            Some(d) if d.is_zero() => return Err(o.err("max_cooldown", "must be greater than 0")),
+            Some(d) => d.min(crate::retry_after::MAX_WAIT),
+        };
+        Ok(Self {
+            role,
+            backup_models,
+            max_body_bytes,
+            rate_limit_status_to,
+            providers,
+            client_credential_headers,
+            retry_context_overflow,
+            context_overflow_markers,
+            max_cooldown,
+        })
     }
 }
 
@@ -293,6 +382,14 @@ mod tests {
         assert_eq!(c.providers["local"].auth, Some(AuthMode::Passthrough));
         assert_eq!(c.providers["local"].client_credential_headers.as_deref(), Some(&["cookie".to_string()][..]));
         assert_eq!(load(br#"{"role":"downstream"}"#).unwrap().role, Role::Downstream);
+        assert_eq!(load(br#"{"role":"route_refresh"}"#).unwrap().role, Role::RouteRefresh);
+        let c =
+            load(br#"{"retry_context_overflow":true,"context_overflow_markers":["Too Long"],"max_cooldown":"90s"}"#)
+                .unwrap();
+        assert!(c.retry_context_overflow);
+        assert_eq!(c.context_overflow_markers, ["too long"]);
+        assert_eq!(c.max_cooldown, Duration::from_secs(90));
+        assert_eq!(Config::default().rate_limit_status_to, 429, "native: no rewrite by default");
     }
 
     #[test]
@@ -321,7 +418,13 @@ mod tests {
             (r#"{"role":"sideways"}"#, "role"),
             (r#"{"max_body_bytes":0}"#, "max_body_bytes"),
             (r#"{"rate_limit_status_to":42}"#, "rate_limit_status_to"),
-            (r#"{"role":"downstream","backup_models":["a"]}"#, "backup_models"),
+            (r#"{"role":"downstream","backup_models":["a"]}"#, "backup_models: only the upstream role"),
+            (r#"{"role":"route_refresh","providers":{}}"#, "providers: only the upstream role"),
+            (r#"{"retry_context_overflow":"yes"}"#, "retry_context_overflow"),
+            (r#"{"context_overflow_markers":[]}"#, "context_overflow_markers: must list"),
+            (r#"{"context_overflow_markers":["a"," "]}"#, "context_overflow_markers[1]"),
+            (r#"{"max_cooldown":"soon"}"#, "max_cooldown"),
+            (r#"{"max_cooldown":"0s"}"#, "max_cooldown: must be greater than 0"),
             (r#"5"#, "expected an object"),
         ];
         for (json, want) in cases {

@@ -1,17 +1,23 @@
 //! sluice model-failover: makes each Envoy retry attempt correct for the endpoint Envoy
-//! picked (model, path, authority, credential), and turns a provider's 429 into something
-//! Envoy's outlier detection and retry policy act on. See README.md.
+//! picked (model, path, authority, credential), keeps rate-limited providers out for their
+//! own Retry-After (through Envoy's `priority_group` override), and marks a context-window
+//! error retriable. Envoy does the routing. See README.md.
 //!
-//! The same .wasm runs twice: as an upstream HTTP filter on the cluster (role `upstream`,
-//! once per attempt) and as a downstream HTTP filter in the connection manager (role
-//! `downstream`), which removes client copies of internal headers and gives the client the
-//! provider's original 429 once retries are spent.
+//! The same .wasm runs in up to three places: as an upstream HTTP filter on the cluster (role
+//! `upstream`, once per attempt), as a downstream HTTP filter in the connection manager (role
+//! `downstream`: internal headers, the per-request group order from the cooldown table), and
+//! after Envoy's `header_to_metadata` (role `route_refresh`: clears the route cache).
 //!
-//! - [`config`]: the plugin configuration; [`stage`]: the plugin (both roles), metric names;
-//! - [`upstream`], [`downstream`]: the two roles' stages; [`retry_after`]: provider waits.
+//! - [`config`]: the plugin configuration; [`stage`]: the plugin (all roles), metric names;
+//! - [`upstream`], [`downstream`], [`refresh`]: the roles' stages;
+//! - [`retry_after`]: provider waits; [`cooldown`]: the shared cooldown table;
+//!   [`groups`]: route groups and the override Envoy's `priority_group` specifier reads.
 
 pub mod config;
+pub mod cooldown;
 pub mod downstream;
+pub mod groups;
+pub mod refresh;
 pub mod retry_after;
 pub mod stage;
 pub mod upstream;

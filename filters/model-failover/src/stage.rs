@@ -1,8 +1,9 @@
 //! The model-failover plugin: one per VM, making the stage of its role per request (upstream:
-//! per attempt).
+//! per attempt; downstream and route_refresh: per client request).
 
 use crate::config::{Config, Role};
-use crate::downstream::DownstreamStage;
+use crate::downstream::{DownstreamShared, DownstreamStage};
+use crate::refresh::RouteRefreshStage;
 use crate::upstream::{UpstreamShared, UpstreamStage};
 use sluice_core::exchange::Exchange;
 use sluice_core::metrics::Metrics;
@@ -29,6 +30,16 @@ pub mod metric {
     pub const CLIENT_HEADER_REMOVED: &str = "sluice_failover_client_header_removed";
     /// Attempts refused because `backup_models` runs without the downstream role.
     pub const MISCONFIGURED: &str = "sluice_failover_misconfigured";
+    /// Provider 429s whose wait was recorded as the cluster's cooldown, by provider and model.
+    pub const COOLDOWN_RECORDED: &str = "sluice_failover_cooldown_recorded";
+    /// Provider errors read as a context-window overflow and marked retriable.
+    pub const CONTEXT_OVERFLOW: &str = "sluice_failover_context_overflow";
+    /// Requests whose group order left out cooling clusters (downstream role).
+    pub const COOLDOWN_OVERRIDE: &str = "sluice_failover_cooldown_override";
+    /// Requests answered 429 because every cluster of the route was cooling (downstream role).
+    pub const ALL_COOLING: &str = "sluice_failover_all_cooling";
+    /// Route caches cleared so the first attempt uses the group order (route_refresh role).
+    pub const ROUTE_REFRESHED: &str = "sluice_failover_route_refreshed";
 }
 
 /// Most distinct metric names one VM defines (labels are bounded by config anyway).
@@ -46,7 +57,8 @@ pub fn refused_too_large(x: &Exchange, wanted_body: bool, decided: bool) -> bool
 
 enum RoleState {
     Upstream(Rc<UpstreamShared>),
-    Downstream(Rc<Metrics>),
+    Downstream(Rc<DownstreamShared>),
+    RouteRefresh(Rc<Metrics>),
 }
 
 /// The configured filter.
@@ -61,7 +73,8 @@ impl FailoverPlugin {
         let config = Rc::new(config);
         let role = match config.role {
             Role::Upstream => RoleState::Upstream(Rc::new(UpstreamShared::new(Rc::clone(&config)))),
-            Role::Downstream => RoleState::Downstream(Rc::new(Metrics::new(MAX_METRIC_NAMES))),
+            Role::Downstream => RoleState::Downstream(Rc::new(DownstreamShared::new())),
+            Role::RouteRefresh => RoleState::RouteRefresh(Rc::new(Metrics::new(MAX_METRIC_NAMES))),
         };
         Self { config, role }
     }
@@ -75,20 +88,22 @@ impl Plugin for FailoverPlugin {
     fn stage(&self) -> Box<dyn Stage> {
         match &self.role {
             RoleState::Upstream(s) => Box::new(UpstreamStage::new(Rc::clone(s))),
-            RoleState::Downstream(m) => Box::new(DownstreamStage::new(Rc::clone(m))),
+            RoleState::Downstream(d) => Box::new(DownstreamStage::new(Rc::clone(d))),
+            RoleState::RouteRefresh(m) => Box::new(RouteRefreshStage::new(Rc::clone(m))),
         }
     }
 
     fn body_limit(&self) -> Option<usize> {
         match self.role {
             RoleState::Upstream(_) => Some(self.config.max_body_bytes),
-            RoleState::Downstream(_) => None,
+            RoleState::Downstream(_) | RoleState::RouteRefresh(_) => None,
         }
     }
 
     fn holds_headers(&self) -> bool {
         // Upstream: the body is rewritten and a 413 must come before anything reaches the
-        // provider (allow_on_headers_stop_iteration: true). Downstream: never reads the body.
+        // provider (allow_on_headers_stop_iteration: true). Downstream and route_refresh:
+        // never read the body.
         matches!(self.role, RoleState::Upstream(_))
     }
 

@@ -6,9 +6,13 @@
 //! profile (path, authority, credential), remove every client credential header, and ask for
 //! the body. Request (end of stream or trailers): rewrite `model` through
 //! `x.request.json_mut()` + `api::set_model` (every format keeps it top-level), or forward a
-//! body that is not a JSON object unchanged. Response headers: a 429 is shown to the router
-//! as 503 (configurable) so outlier detection ejects the host and the retry policy moves on;
-//! the original status travels in an internal header the downstream role puts back.
+//! body that is not a JSON object unchanged. Response headers: a 429 is counted, its wait
+//! recorded as the cluster's cooldown (shared data, read by the downstream role) and, only
+//! when `rate_limit_status_to` asks for it (Envoy without `error_matcher`), shown to the
+//! router as 503 with the original status in an internal header the downstream role puts
+//! back. With `retry_context_overflow`, a 400/413/422 JSON error is held (headers and its
+//! small body) and, when the body says the prompt exceeds the context window, marked
+//! `x-sluice-retry: context-length` for the route's `retriable_headers`.
 //!
 //! The attempt number comes from `x-envoy-attempt-count`, which a client can send too when
 //! the virtual host lacks `include_request_attempt_count: true`. With `backup_models` the
@@ -17,8 +21,9 @@
 
 use crate::config::{
     validate_authority, validate_credential_header, validate_header_value, validate_path, AuthMode, Config,
-    ATTEMPT_COUNT_HEADER, ORIGINAL_STATUS_HEADER,
+    ATTEMPT_COUNT_HEADER, CONTEXT_OVERFLOW_STATUSES, ORIGINAL_STATUS_HEADER, RETRY_MARKER_CONTEXT, RETRY_MARKER_HEADER,
 };
+use crate::cooldown;
 use crate::retry_after::{format_seconds, provider_wait};
 use crate::stage::metric;
 use crate::NAME;
@@ -27,7 +32,7 @@ use sluice_core::api;
 use sluice_core::config::validate_env_var_name;
 use sluice_core::encoding::metadata_namespace;
 use sluice_core::errors::LocalReply;
-use sluice_core::exchange::{BodyUse, Exchange};
+use sluice_core::exchange::{BodyKind, BodyUse, Chunk, Exchange};
 use sluice_core::host::Host;
 use sluice_core::json::{lossy, JsonError};
 use sluice_core::keys;
@@ -42,6 +47,8 @@ use std::time::{Duration, SystemTime};
 pub const ENDPOINT_TTL: Duration = Duration::from_secs(10);
 /// Most endpoints cached per VM.
 const MAX_ENDPOINTS: usize = 1024;
+/// Largest error body held to look for a context-window error (declared `content-length`).
+pub const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// What an attempt to one endpoint carries, resolved from its metadata and the profile.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -204,7 +211,7 @@ impl UpstreamShared {
     /// cluster's metadata) on a miss. The key is the metadata itself rather than the address:
     /// one address may serve several endpoints with different metadata (seed 001: three
     /// priorities, three models, one host).
-    fn endpoint(&self, h: &dyn Host) -> Rc<Endpoint> {
+    fn endpoint(&self, h: &dyn Host) -> (String, Rc<Endpoint>) {
         let cluster = h.property(&["xds", "cluster_name"]).map(|b| lossy(&b)).unwrap_or_default();
         let host_bytes = h.property(&["xds", "upstream_host_metadata"]).unwrap_or_default();
         let key = (cluster, host_bytes);
@@ -212,7 +219,7 @@ impl UpstreamShared {
         if let Ok(cache) = self.endpoints.try_borrow() {
             if let Some((ep, at)) = cache.get(&key) {
                 if now.duration_since(*at).is_ok_and(|d| d < ENDPOINT_TTL) {
-                    return Rc::clone(ep);
+                    return (key.0.clone(), Rc::clone(ep));
                 }
             }
         }
@@ -228,36 +235,118 @@ impl UpstreamShared {
             if cache.len() >= MAX_ENDPOINTS {
                 cache.clear();
             }
-            cache.insert(key, (Rc::clone(&ep), now));
+            cache.insert(key.clone(), (Rc::clone(&ep), now));
         }
-        ep
+        (key.0, ep)
     }
 }
 
 /// One attempt.
 pub struct UpstreamStage {
     shared: Rc<UpstreamShared>,
+    cluster: String,
     endpoint: Option<Rc<Endpoint>>,
     target: Option<String>,
     wanted_body: bool,
     decided: bool,
+    checking_overflow: bool,
+    counted_too_large: bool,
 }
 
 impl UpstreamStage {
     /// A stage for one attempt.
     pub fn new(shared: Rc<UpstreamShared>) -> Self {
-        Self { shared, endpoint: None, target: None, wanted_body: false, decided: false }
+        Self {
+            shared,
+            cluster: String::new(),
+            endpoint: None,
+            target: None,
+            wanted_body: false,
+            decided: false,
+            checking_overflow: false,
+            counted_too_large: false,
+        }
     }
 
     fn provider(&self) -> &str {
         self.endpoint.as_ref().map_or("unknown", |e| e.provider.as_str())
     }
 
+    /// The labels every upstream metric carries: the provider and the model sent (`client`
+    /// when the body's model was kept). Envoy 1.39+ puts stats of upstream filters in the
+    /// root scope, without the cluster name, so these labels are all that tells them apart.
+    fn count(&self, h: &mut dyn Host, name: &str, extra: &[(&str, &str)]) {
+        let model = self.target.as_deref().unwrap_or("client");
+        let mut tags = vec![("gen_ai_provider_name", self.provider()), ("gen_ai_request_model", model)];
+        tags.extend_from_slice(extra);
+        self.shared.metrics.count(h, name, &tags, 1);
+    }
+
     fn passthrough(&self, h: &mut dyn Host, reason: &str) -> Flow {
         log::warn!("{NAME}: provider {}: request body is {reason}; forwarded unchanged", self.provider());
-        self.shared.metrics.count(h, metric::BODY_PASSTHROUGH, &[("sluice_reason", reason)], 1);
+        self.count(h, metric::BODY_PASSTHROUGH, &[("sluice_reason", reason)]);
         Flow::Continue
     }
+
+    /// A 429: count it, record the wait as the cluster's cooldown, rewrite if configured.
+    fn rate_limited(&mut self, x: &mut Exchange, h: &mut dyn Host) {
+        let shared = Rc::clone(&self.shared);
+        let provider = self.provider().to_string();
+        self.count(h, metric::RATE_LIMITED, &[]);
+        let headers = &x.response.headers;
+        let now = h.now();
+        let wait = provider_wait(|n| headers.iter().find(|(k, _)| k == n).map(|(_, v)| lossy(v)), now);
+        if let Some(w) = wait {
+            keys::set_filter_state(h, keys::RETRY_AFTER, &format_seconds(w.wait));
+            let ms = u64::try_from(w.wait.as_millis()).unwrap_or(u64::MAX);
+            let model = self.target.as_deref().unwrap_or("client");
+            let tags = [("gen_ai_provider_name", provider.as_str()), ("gen_ai_request_model", model)];
+            shared.metrics.record(h, metric::RETRY_AFTER_MS, &tags, ms);
+            let cool = w.wait.min(shared.config.max_cooldown);
+            if !cool.is_zero() && !self.cluster.is_empty() {
+                let now_ms = cooldown::unix_ms(now);
+                let until = now_ms.saturating_add(u64::try_from(cool.as_millis()).unwrap_or(u64::MAX));
+                if cooldown::record(h, &self.cluster, until, now_ms) {
+                    self.count(h, metric::COOLDOWN_RECORDED, &[]);
+                } else {
+                    log::warn!("{NAME}: could not record the cooldown of cluster {}", self.cluster);
+                }
+            }
+        }
+        let to = shared.config.rate_limit_status_to;
+        log::info!(
+            "{NAME}: provider {provider} (cluster {}) answered 429 (wait {} ms){}",
+            self.cluster,
+            wait.map_or(0, |w| w.wait.as_millis()),
+            if to == 429 { String::new() } else { format!("; shown to the router as {to}") }
+        );
+        if to != 429 {
+            h.set_response_header(":status", Some(to.to_string().as_bytes()));
+            h.set_response_header(ORIGINAL_STATUS_HEADER, Some(b"429"));
+            x.response.status = to;
+        }
+    }
+
+    /// Whether a provider error should be held and read for a context-window overflow.
+    fn may_be_overflow(&self, x: &Exchange) -> bool {
+        let small = x
+            .response
+            .header("content-length")
+            .and_then(|v| lossy(v).trim().parse::<usize>().ok())
+            .is_none_or(|n| n <= MAX_ERROR_BODY);
+        self.shared.config.retry_context_overflow
+            && !x.response.local
+            && CONTEXT_OVERFLOW_STATUSES.contains(&x.response.status)
+            && matches!(x.response.kind, BodyKind::Json | BodyKind::Other)
+            && !x.response.encoded
+            && small
+    }
+}
+
+/// Whether an error body says the prompt exceeds the model's context window.
+pub fn is_context_overflow(body: &[u8], markers: &[String]) -> bool {
+    let text = lossy(body.get(..MAX_ERROR_BODY.min(body.len())).unwrap_or(body)).to_ascii_lowercase();
+    markers.iter().any(|m| text.contains(m.as_str()))
 }
 
 /// The reply when `backup_models` is configured without the downstream role.
@@ -277,7 +366,8 @@ impl Stage for UpstreamStage {
     fn on_request_headers(&mut self, x: &mut Exchange, h: &mut dyn Host) -> Flow {
         let shared = Rc::clone(&self.shared);
         let config = &shared.config;
-        let ep = shared.endpoint(h);
+        let (cluster, ep) = shared.endpoint(h);
+        self.cluster = cluster;
         self.endpoint = Some(Rc::clone(&ep));
         let mut attempt = 1;
         if !config.backup_models.is_empty() {
@@ -285,7 +375,7 @@ impl Stage for UpstreamStage {
                 log::error!(
                     "{NAME}: backup_models is configured but the downstream role did not run; refusing the attempt"
                 );
-                shared.metrics.count(h, metric::MISCONFIGURED, &[], 1);
+                self.count(h, metric::MISCONFIGURED, &[]);
                 return Flow::Reply(misconfigured_backup_models());
             }
             let header = x.request.header_str(ATTEMPT_COUNT_HEADER);
@@ -313,23 +403,25 @@ impl Stage for UpstreamStage {
             x.set_request_header(h, name, Some(value.as_bytes()));
         }
         if ep.credential_missing {
-            shared.metrics.count(h, metric::CREDENTIAL_MISSING, &[("gen_ai_provider_name", &ep.provider)], 1);
+            self.count(h, metric::CREDENTIAL_MISSING, &[]);
         }
 
         keys::set_filter_state(h, keys::PROVIDER, &ep.provider);
         if let Some(m) = &self.target {
             keys::set_filter_state(h, keys::UPSTREAM_MODEL, m);
         }
-        let model_label = self.target.as_deref().unwrap_or("client");
-        shared.metrics.count(
-            h,
-            metric::ATTEMPTS,
-            &[("gen_ai_provider_name", &ep.provider), ("gen_ai_request_model", model_label)],
-            1,
-        );
+        self.count(h, metric::ATTEMPTS, &[]);
         log::debug!("{NAME} #{}: attempt {attempt} provider={} model={:?}", x.id, ep.provider, self.target);
 
         if !x.request.no_body {
+            // A declared length over the cap: the pipeline refuses with 413 right after these
+            // headers. Counted here, because Envoy runs no access-log callback (`on_done`) for
+            // upstream filters and the 413 does not pass back through this filter.
+            let declared = x.request.header_str("content-length").and_then(|v| v.trim().parse::<usize>().ok());
+            if declared.is_some_and(|n| n > config.max_body_bytes) {
+                self.counted_too_large = true;
+                self.count(h, metric::BODY_TOO_LARGE, &[]);
+            }
             self.wanted_body = true;
             x.want_body(if self.target.is_some() { BodyUse::Modify } else { BodyUse::Json });
         }
@@ -370,41 +462,51 @@ impl Stage for UpstreamStage {
 
     fn on_response_headers(&mut self, x: &mut Exchange, h: &mut dyn Host) -> Flow {
         // A provider must not be able to speak for the gateway.
-        if x.response.header(ORIGINAL_STATUS_HEADER).is_some() {
-            h.set_response_header(ORIGINAL_STATUS_HEADER, None);
-            x.response.headers.retain(|(k, _)| k != ORIGINAL_STATUS_HEADER);
+        for name in [ORIGINAL_STATUS_HEADER, RETRY_MARKER_HEADER] {
+            if x.response.header(name).is_some() {
+                h.set_response_header(name, None);
+                x.response.headers.retain(|(k, _)| k != name);
+            }
         }
-        if x.response.status != 429 || x.response.local {
+        if x.response.local {
             return Flow::Continue;
         }
-        let shared = Rc::clone(&self.shared);
-        let provider = self.provider().to_string();
-        let tags = [("gen_ai_provider_name", provider.as_str())];
-        shared.metrics.count(h, metric::RATE_LIMITED, &tags, 1);
-        let headers = &x.response.headers;
-        let wait = provider_wait(|n| headers.iter().find(|(k, _)| k == n).map(|(_, v)| lossy(v)), h.now());
-        if let Some(w) = wait {
-            keys::set_filter_state(h, keys::RETRY_AFTER, &format_seconds(w.wait));
-            let ms = u64::try_from(w.wait.as_millis()).unwrap_or(u64::MAX);
-            shared.metrics.record(h, metric::RETRY_AFTER_MS, &tags, ms);
+        if x.response.status == 429 {
+            self.rate_limited(x, h);
+        } else if self.may_be_overflow(x) {
+            // Hold the headers until the (small) error body is read: only then can it be
+            // marked retriable, before the router decides.
+            self.checking_overflow = true;
+            x.hold_response_headers();
         }
-        let to = shared.config.rate_limit_status_to;
-        log::info!(
-            "{NAME}: provider {provider} answered 429 (wait {} ms); shown to the router as {to}",
-            wait.map_or(0, |w| w.wait.as_millis())
-        );
-        if to != 429 {
-            h.set_response_header(":status", Some(to.to_string().as_bytes()));
-            h.set_response_header(ORIGINAL_STATUS_HEADER, Some(b"429"));
-            x.response.status = to;
+        Flow::Continue
+    }
+
+    fn on_response_body(&mut self, x: &mut Exchange, h: &mut dyn Host, c: &mut Chunk) -> Flow {
+        if !self.checking_overflow || !c.end {
+            return Flow::Continue;
+        }
+        self.checking_overflow = false;
+        if x.response_headers_held() && is_context_overflow(&c.bytes, &self.shared.config.context_overflow_markers) {
+            log::info!(
+                "{NAME}: provider {} (cluster {}) answered {}: the prompt exceeds the model's context window; marked retriable",
+                self.provider(),
+                self.cluster,
+                x.response.status
+            );
+            h.set_response_header(RETRY_MARKER_HEADER, Some(RETRY_MARKER_CONTEXT.as_bytes()));
+            self.count(h, metric::CONTEXT_OVERFLOW, &[]);
         }
         Flow::Continue
     }
 
     fn on_done(&mut self, x: &mut Exchange, h: &mut dyn Host) {
-        // The pipeline refused the body for its size (413) before this stage decided.
-        if crate::stage::refused_too_large(x, self.wanted_body, self.decided) {
-            self.shared.metrics.count(h, metric::BODY_TOO_LARGE, &[], 1);
+        // The pipeline refused the body for its size (413) while buffering it (a body without
+        // a declared length). Only where the host runs this callback: Envoy does not for
+        // upstream filters.
+        if crate::stage::refused_too_large(x, self.wanted_body, self.decided) && !self.counted_too_large {
+            self.counted_too_large = true;
+            self.count(h, metric::BODY_TOO_LARGE, &[]);
         }
     }
 }

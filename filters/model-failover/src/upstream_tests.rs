@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::config::load;
+use crate::config::RETRY_MARKER_HEADER;
 use serde_json::json;
 use sluice_core::encoding::test_encode_metadata;
 use sluice_core::host::{CallKind, CountingHost, FakeHost, Phase};
@@ -48,6 +49,11 @@ fn run(p: &dyn Plugin, h: &mut FakeHost, body: &str) -> (Act, Act) {
 
 fn body_json(h: &FakeHost) -> Value {
     serde_json::from_slice(&h.req_body).unwrap()
+}
+
+/// The value of a metric summed over all its label sets.
+fn total(h: &FakeHost, base: &str) -> i64 {
+    h.metric_names(&format!("{base}.")).iter().filter_map(|n| h.metric(n)).sum()
 }
 
 #[test]
@@ -137,7 +143,7 @@ fn backup_models_without_the_downstream_role_are_refused() {
     let v: Value = serde_json::from_slice(&h.replies[0].body).unwrap();
     assert_eq!(v["error"]["code"], "gateway_misconfigured");
     assert!(v["error"]["message"].as_str().unwrap().contains("backup_models"));
-    assert_eq!(h.metric(metric::MISCONFIGURED), Some(1));
+    assert_eq!(total(&h, metric::MISCONFIGURED), 1);
     // Without backup models the attempt count does not matter and nothing is required.
     let p = plugin("{}");
     let mut h = host(&[], json!({"model": "m"}), json!({}));
@@ -236,7 +242,10 @@ fn missing_key_sends_no_credential_and_counts() {
     );
     run(p.as_ref(), &mut h, "{}");
     assert_eq!(h.req_header("authorization"), None);
-    assert_eq!(h.metric("sluice_failover_credential_missing.gen_ai_provider_name=.=openai;.;"), Some(1));
+    assert_eq!(
+        h.metric("sluice_failover_credential_missing.gen_ai_provider_name=.=openai;.;gen_ai_request_model=.=client;.;"),
+        Some(1)
+    );
     // An invalid variable name in metadata is treated the same way.
     let p = plugin("{}");
     let mut h = host(&[], json!({"credential_env": "BAD-NAME"}), json!({}));
@@ -270,7 +279,12 @@ fn non_json_bodies_pass_unchanged_and_count() {
         let mut h = host(&[], json!({"model": "m"}), json!({}));
         assert_eq!(run(p.as_ref(), &mut h, body), (Act::Pause, Act::Continue));
         assert_eq!(h.req_body, body.as_bytes());
-        assert_eq!(h.metric(&format!("sluice_failover_body_passthrough.sluice_reason=.={reason};.;")), Some(1));
+        assert_eq!(
+            h.metric(&format!(
+                "sluice_failover_body_passthrough.gen_ai_provider_name=.=llm;.;gen_ai_request_model=.=m;.;sluice_reason=.={reason};.;"
+            )),
+            Some(1)
+        );
     }
 }
 
@@ -291,7 +305,7 @@ fn body_over_the_cap_gets_413_and_counts() {
     assert_eq!(h.replies.len(), 1);
     h.phase = Phase::Log;
     pl.on_log(&mut h);
-    assert_eq!(h.metric(metric::BODY_TOO_LARGE), Some(1));
+    assert_eq!(total(&h, metric::BODY_TOO_LARGE), 1);
 }
 
 #[test]
@@ -314,35 +328,156 @@ fn respond(cfg: &str, headers: &[(&str, &str)]) -> FakeHost {
     h
 }
 
+const OPENAI_GPT4O: &str = ".gen_ai_provider_name=.=openai;.;gen_ai_request_model=.=gpt-4o;.;";
+
 #[test]
-fn a_429_is_shown_to_the_router_as_503() {
+fn a_429_stays_429_for_envoy_and_its_wait_becomes_the_cluster_cooldown() {
     let h = respond("{}", &[(":status", "429"), ("retry-after", "60")]);
-    assert_eq!(h.resp_header(":status").as_deref(), Some("503"));
-    assert_eq!(h.resp_header(ORIGINAL_STATUS_HEADER).as_deref(), Some("429"));
+    assert_eq!(h.resp_header(":status").as_deref(), Some("429"), "native: Envoy's error_matcher sees it");
+    assert_eq!(h.resp_header(ORIGINAL_STATUS_HEADER), None);
     assert_eq!(h.resp_header("retry-after").as_deref(), Some("60"));
     assert_eq!(h.state(keys::RETRY_AFTER).as_deref(), Some("60"));
-    assert_eq!(h.metric("sluice_failover_rate_limited.gen_ai_provider_name=.=openai;.;"), Some(1));
-    assert_eq!(h.metric("sluice_failover_retry_after_ms.gen_ai_provider_name=.=openai;.;"), Some(60_000));
+    assert_eq!(h.metric(&format!("sluice_failover_rate_limited{OPENAI_GPT4O}")), Some(1));
+    assert_eq!(h.metric(&format!("sluice_failover_retry_after_ms{OPENAI_GPT4O}")), Some(60_000));
+    assert_eq!(h.metric(&format!("sluice_failover_cooldown_recorded{OPENAI_GPT4O}")), Some(1));
+    let t = crate::cooldown::read(&h);
+    assert_eq!(t.remaining("llm", crate::cooldown::unix_ms(h.now())), Some(Duration::from_secs(60)));
 }
 
 #[test]
-fn a_429_without_wait_headers_and_mapping_disabled() {
-    let h = respond(r#"{"rate_limit_status_to":429}"#, &[(":status", "429")]);
-    assert_eq!(h.resp_header(":status").as_deref(), Some("429"));
-    assert_eq!(h.resp_header(ORIGINAL_STATUS_HEADER), None);
+fn the_cooldown_is_capped_and_a_429_without_a_wait_records_none() {
+    let h = respond(r#"{"max_cooldown":"10s"}"#, &[(":status", "429"), ("retry-after", "3600")]);
+    let t = crate::cooldown::read(&h);
+    assert_eq!(t.remaining("llm", crate::cooldown::unix_ms(h.now())), Some(Duration::from_secs(10)));
+    let h = respond("{}", &[(":status", "429")]);
+    assert!(crate::cooldown::read(&h).is_empty());
     assert_eq!(h.state(keys::RETRY_AFTER), None);
+}
+
+#[test]
+fn with_rate_limit_status_to_503_a_429_is_shown_to_the_router_as_503() {
+    let h = respond(r#"{"rate_limit_status_to":503}"#, &[(":status", "429"), ("retry-after", "60")]);
+    assert_eq!(h.resp_header(":status").as_deref(), Some("503"));
+    assert_eq!(h.resp_header(ORIGINAL_STATUS_HEADER).as_deref(), Some("429"));
+    assert_eq!(h.resp_header("retry-after").as_deref(), Some("60"));
     let h = respond("{}", &[(":status", "429"), ("x-ratelimit-reset-requests", "1.5s")]);
     assert_eq!(h.state(keys::RETRY_AFTER).as_deref(), Some("1.5"));
 }
 
 #[test]
 fn other_statuses_pass_and_provider_cannot_forge_internal_headers() {
-    let h = respond("{}", &[(":status", "503"), (ORIGINAL_STATUS_HEADER, "200")]);
+    let h =
+        respond("{}", &[(":status", "503"), (ORIGINAL_STATUS_HEADER, "200"), (RETRY_MARKER_HEADER, "context-length")]);
     assert_eq!(h.resp_header(":status").as_deref(), Some("503"));
     assert_eq!(h.resp_header(ORIGINAL_STATUS_HEADER), None);
+    assert_eq!(h.resp_header(RETRY_MARKER_HEADER), None, "a provider cannot make its answer retriable");
     let h = respond("{}", &[(":status", "200")]);
     assert_eq!(h.resp_header(":status").as_deref(), Some("200"));
     assert_eq!(h.state(keys::PROVIDER).as_deref(), Some("openai"));
+}
+
+/// An error answer through the upstream role: headers (held or not), then the body.
+fn error_answer(cfg: &str, status: &str, ctype: &str, body: &str) -> (Act, FakeHost) {
+    let p = plugin(cfg);
+    let mut pl = pipeline(p.as_ref());
+    let mut h = host(&[], json!({"provider": "vllm", "model": "small"}), json!({}));
+    run_on(&mut pl, &mut h, "");
+    h.req_headers_sent = true;
+    h.phase = Phase::ResponseHeaders;
+    h.resp_headers =
+        vec![(":status".into(), status.as_bytes().to_vec()), ("content-type".into(), ctype.as_bytes().to_vec())];
+    let act = pl.on_response_headers(&mut h, false);
+    h.phase = Phase::ResponseBody;
+    h.resp_headers_held = act == Act::Pause;
+    h.resp_body = body.as_bytes().to_vec();
+    assert_eq!(pl.on_response_body(&mut h, body.len(), true), Act::Continue);
+    assert!(h.refused.is_empty(), "{:?}", h.refused);
+    (act, h)
+}
+
+const OPENAI_OVERFLOW: &str = r#"{"error":{"message":"This model's maximum context length is 20 tokens. However, your messages resulted in 40 tokens. Please reduce the length of the messages.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#;
+const ANTHROPIC_OVERFLOW: &str = r#"{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 208310 tokens > 200000 maximum"}}"#;
+const VLLM_OVERFLOW: &str = r#"{"object":"error","message":"This model's maximum context length is 8192 tokens. However, you requested 8203 tokens (7691 in the messages, 512 in the completion). Please reduce the length of the messages or completion.","type":"BadRequestError","param":null,"code":400}"#;
+const LLAMACPP_OVERFLOW: &str = r#"{"error":{"code":400,"message":"the request exceeds the available context size, try increasing it","type":"exceed_context_size_error"}}"#;
+
+#[test]
+fn a_context_window_error_is_held_read_and_marked_retriable() {
+    let on = r#"{"retry_context_overflow":true}"#;
+    for body in [OPENAI_OVERFLOW, ANTHROPIC_OVERFLOW, VLLM_OVERFLOW, LLAMACPP_OVERFLOW] {
+        let (act, h) = error_answer(on, "400", "application/json", body);
+        assert_eq!(act, Act::Pause, "headers held until the body was read");
+        assert_eq!(h.resp_header(RETRY_MARKER_HEADER).as_deref(), Some(RETRY_MARKER_CONTEXT), "{body}");
+        assert_eq!(h.resp_body, body.as_bytes(), "the provider's body is untouched");
+        assert_eq!(
+            h.metric("sluice_failover_context_overflow.gen_ai_provider_name=.=vllm;.;gen_ai_request_model=.=small;.;"),
+            Some(1)
+        );
+    }
+    // Another 400 is not retriable; nothing is held when the feature is off or for a 200/SSE.
+    let (act, h) = error_answer(on, "400", "application/json", r#"{"error":{"code":"invalid_mock_fail"}}"#);
+    assert_eq!((act, h.resp_header(RETRY_MARKER_HEADER)), (Act::Pause, None));
+    let (act, h) = error_answer("{}", "400", "application/json", OPENAI_OVERFLOW);
+    assert_eq!((act, h.resp_header(RETRY_MARKER_HEADER)), (Act::Continue, None));
+    let (act, _) = error_answer(on, "400", "text/event-stream", OPENAI_OVERFLOW);
+    assert_eq!(act, Act::Continue);
+    let (act, _) = error_answer(on, "200", "application/json", OPENAI_OVERFLOW);
+    assert_eq!(act, Act::Continue);
+    // Custom markers replace the defaults.
+    let (_, h) = error_answer(
+        r#"{"retry_context_overflow":true,"context_overflow_markers":["Too Many Tokens"]}"#,
+        "422",
+        "application/json",
+        r#"{"detail":"too many tokens"}"#,
+    );
+    assert_eq!(h.resp_header(RETRY_MARKER_HEADER).as_deref(), Some(RETRY_MARKER_CONTEXT));
+}
+
+#[test]
+fn every_upstream_metric_carries_provider_and_model() {
+    // Envoy 1.39+ emits upstream filters' stats in the root scope, without the cluster name.
+    let p = plugin(r#"{"max_body_bytes":10,"retry_context_overflow":true}"#);
+    let mut names = Vec::new();
+    // 429 with a wait (attempts, rate_limited, retry_after_ms, cooldown_recorded).
+    let h = respond("{}", &[(":status", "429"), ("retry-after", "1")]);
+    names.extend(h.metric_names("sluice_failover_"));
+    // context overflow
+    let (_, h) = error_answer(r#"{"retry_context_overflow":true}"#, "400", "application/json", OPENAI_OVERFLOW);
+    names.extend(h.metric_names("sluice_failover_"));
+    // passthrough
+    let mut h = host(&[], json!({"model": "m", "provider": "p"}), json!({}));
+    run(plugin("{}").as_ref(), &mut h, "not json");
+    names.extend(h.metric_names("sluice_failover_"));
+    // too large, credential missing
+    let mut pl = pipeline(p.as_ref());
+    let mut h = host(&[], json!({"model": "m", "provider": "p", "credential_env": "NOPE"}), json!({}));
+    pl.on_request_headers(&mut h, false);
+    h.phase = Phase::RequestBody;
+    pl.on_request_body(&mut h, 11, false);
+    h.phase = Phase::Log;
+    pl.on_log(&mut h);
+    names.extend(h.metric_names("sluice_failover_"));
+    // misconfigured
+    let mut h = host(&[], json!({}), json!({}));
+    h.properties.remove(keys::FAILOVER_DOWNSTREAM);
+    run(plugin(r#"{"backup_models":["b"]}"#).as_ref(), &mut h, "{}");
+    names.extend(h.metric_names("sluice_failover_"));
+    for base in [
+        metric::ATTEMPTS,
+        metric::RATE_LIMITED,
+        metric::RETRY_AFTER_MS,
+        metric::COOLDOWN_RECORDED,
+        metric::CONTEXT_OVERFLOW,
+        metric::BODY_PASSTHROUGH,
+        metric::BODY_TOO_LARGE,
+        metric::CREDENTIAL_MISSING,
+        metric::MISCONFIGURED,
+    ] {
+        let of: Vec<&String> = names.iter().filter(|n| n.starts_with(&format!("{base}."))).collect();
+        assert!(!of.is_empty(), "{base} not emitted: {names:?}");
+        for n in of {
+            assert!(n.contains("gen_ai_provider_name=.=") && n.contains("gen_ai_request_model=.="), "{n}");
+        }
+    }
 }
 
 /// Value-returning host calls per attempt, with just this stage:
@@ -384,6 +519,24 @@ fn host_call_budget() {
     };
     attempt(p.as_ref(), true);
     attempt(p.as_ref(), false);
+}
+
+/// A rate-limited attempt costs one more read: the cooldown table (read, then a CAS write
+/// that returns nothing); nothing is read on a 429 without a wait.
+#[test]
+fn host_call_budget_of_a_429() {
+    let p = plugin("{}");
+    let mut pl = pipeline(p.as_ref());
+    let mut h = CountingHost::new(host(&[], json!({"provider": "openai", "model": "gpt-4o"}), json!({})));
+    pl.on_request_headers(&mut h, true);
+    h.reset();
+    h.inner.req_headers_sent = true;
+    h.inner.phase = Phase::ResponseHeaders;
+    h.inner.resp_headers = vec![(":status".into(), b"429".to_vec()), ("retry-after".into(), b"2".to_vec())];
+    pl.on_response_headers(&mut h, false);
+    assert_eq!(h.count(CallKind::SharedData), 1);
+    assert_eq!(h.total(), 2, "the response headers and the cooldown table");
+    assert_eq!(h.inner.shared_writes, 1);
 }
 
 /// Issue 16 §6: a large body (several hundred KB, many chunks) is rewritten byte-exact.

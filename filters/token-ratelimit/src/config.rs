@@ -2,8 +2,8 @@
 //! (`sluice_core::config::Obj`): unknown fields and wrong types are errors naming the field
 //! (`rule_sets.tiered[0].windows[1].limit: must be at least 1`).
 
-use sluice_core::price::PriceTable;
 use sluice_core::config::{parse_duration, validate_header_name, ConfigError, FailureMode, Obj};
+use sluice_core::price::PriceTable;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -331,7 +331,10 @@ impl Config {
                 let rules = sets.list(name, |v, p| load_rule(Obj::new(v, p)?, local))?.unwrap_or_default();
                 if let Some(i) = rules.iter().position(|r| r.counts == Counts::Cost) {
                     if prices.is_empty() {
-                        return Err(ConfigError::new(format!("{path}.{name}[{i}].count"), "counting cost needs `prices`"));
+                        return Err(ConfigError::new(
+                            format!("{path}.{name}[{i}].count"),
+                            "counting cost needs `prices`",
+                        ));
                     }
                 }
                 for (i, r) in rules.iter().enumerate() {
@@ -460,9 +463,10 @@ fn load_window(w: Obj<'_>, local: bool, counts: Counts) -> Result<Window, Config
                 return Err(w.err("window", "a window must be a whole number of seconds, at least 1s"));
             }
             if !local {
-                return Err(
-                    w.err("window", format!("{other:?}: rls mode supports only second, minute, hour, day and month windows"))
-                );
+                return Err(w.err(
+                    "window",
+                    format!("{other:?}: rls mode supports only second, minute, hour, day and month windows"),
+                ));
             }
             (ms, None)
         }

@@ -972,7 +972,8 @@ fn money_budgets_reserve_the_estimate_and_settle_the_real_cost() {
 #[test]
 fn an_unpriced_model_is_refused_by_a_money_budget() {
     let mut w = World::new(COST_CFG);
-    let b = serde_json::to_vec(&json!({"model": "unknown-model", "messages": [{"role": "user", "content": "hi"}]})).unwrap();
+    let b = serde_json::to_vec(&json!({"model": "unknown-model", "messages": [{"role": "user", "content": "hi"}]}))
+        .unwrap();
     let r = w.ask("alice", &b);
     let reply = r.h.replies.last().expect("refused");
     assert_eq!(reply.status, 403);

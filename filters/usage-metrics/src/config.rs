@@ -102,7 +102,6 @@ impl Config {
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
         sluice_core::config::read(bytes, Self::load)
     }
-
 }
 
 #[cfg(test)]

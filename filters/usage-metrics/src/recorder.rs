@@ -170,8 +170,8 @@ impl Recorder {
 mod tests {
     use super::*;
     use sluice_core::host::FakeHost;
-    use sluice_core::metrics::TAG_NAMES;
     use sluice_core::metrics::KnownValues;
+    use sluice_core::metrics::TAG_NAMES;
 
     fn labels() -> RequestLabels {
         RequestLabels {

@@ -14,7 +14,7 @@
 //! prompt and the output seen, marked as estimated with the reason.
 
 use crate::config::Config;
-use crate::recorder::{RequestLabels, Recorder, COST, TIME_PER_OUTPUT_TOKEN, TIME_TO_FIRST_TOKEN};
+use crate::recorder::{Recorder, RequestLabels, COST, TIME_PER_OUTPUT_TOKEN, TIME_TO_FIRST_TOKEN};
 use serde_json::Value;
 use sluice_core::api::{self, Api};
 use sluice_core::exchange::{BodyKind, BodyUse, Chunk, Exchange, ResponseUse};
@@ -156,15 +156,20 @@ impl UsageStage {
         self.finished = true;
         let rec = Rc::clone(&self.rec);
         if x.response.status == 0 {
-            x.response.status =
-                h.property(&["response", "code"]).and_then(|v| bytes_to_u64(&v)).and_then(|c| u32::try_from(c).ok()).unwrap_or(0);
+            x.response.status = h
+                .property(&["response", "code"])
+                .and_then(|v| bytes_to_u64(&v))
+                .and_then(|c| u32::try_from(c).ok())
+                .unwrap_or(0);
         }
         let published_provider = keys::filter_state(h, keys::PROVIDER);
         let provider = published_provider
             .clone()
             .or_else(|| x.route.str("provider").map(str::to_string))
             .or_else(|| {
-                h.property(&["xds", "cluster_name"]).map(|b| String::from_utf8_lossy(&b).into_owned()).filter(|s| !s.is_empty())
+                h.property(&["xds", "cluster_name"])
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .filter(|s| !s.is_empty())
             })
             .unwrap_or_else(|| "unknown".into());
         if let Some(m) = x.route.str("default_model") {
@@ -234,7 +239,8 @@ impl UsageStage {
             if let Some(t) = ttft {
                 rec.observe(h, &labels.latency(TIME_TO_FIRST_TOKEN), t);
             }
-            if let (Some(span), true) = (millis_between(x.response.first_byte, x.response.last_byte), usage.output > 1) {
+            if let (Some(span), true) = (millis_between(x.response.first_byte, x.response.last_byte), usage.output > 1)
+            {
                 let per = span / (usage.output - 1);
                 rec.observe(h, &labels.latency(TIME_PER_OUTPUT_TOKEN), per);
                 tpot = Some(per);

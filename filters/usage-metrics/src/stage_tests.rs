@@ -131,7 +131,8 @@ fn injected_usage_chunk_is_counted_and_hidden_from_the_client() {
     let p0 = plugin(KNOWN);
     let mut p = pipeline(&p0);
     let mut h = host("/v1/chat/completions");
-    let sent = request(&mut p, &mut h, r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#);
+    let sent =
+        request(&mut p, &mut h, r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#);
     let sent: Value = serde_json::from_slice(&sent).unwrap();
     assert_eq!(sent["stream_options"]["include_usage"], true);
     let stream = format!("{}{}{}data: [DONE]\n\n", chunk("Hel"), chunk("lo"), usage_chunk(9, 2));
@@ -205,7 +206,13 @@ fn unknown_models_share_one_label() {
         h.req_headers_sent = false;
         h.phase = Phase::RequestHeaders;
         request(&mut p, &mut h, &format!(r#"{{"model":"random-{i}","messages":[]}}"#));
-        respond(&mut p, &mut h, "200", "application/json", &[br#"{"model":"random","usage":{"prompt_tokens":1,"completion_tokens":1}}"#]);
+        respond(
+            &mut p,
+            &mut h,
+            "200",
+            "application/json",
+            &[br#"{"model":"random","usage":{"prompt_tokens":1,"completion_tokens":1}}"#],
+        );
         assert_eq!(h.metric(&labels("other").token_usage("input")), Some(i + 1), "{:?}", h.metric_names(""));
     }
     assert_eq!(h.metric_names("gen_ai_client_token_usage").len(), 2, "one series per type, not per model");

@@ -32,10 +32,16 @@ pub fn request_probes(h: &mut dyn Host, tag: &str) -> Value {
     let mut out = Map::new();
     let headers = h.request_headers();
     let names: Vec<&str> = headers.iter().map(|(k, _)| k.as_str()).collect();
-    out.insert("pseudo_headers_in_map".into(), json!([":method", ":path", ":authority"].iter().all(|p| names.contains(p))));
+    out.insert(
+        "pseudo_headers_in_map".into(),
+        json!([":method", ":path", ":authority"].iter().all(|p| names.contains(p))),
+    );
     out.insert("missing_header".into(), json!(h.request_header("x-probe-missing").is_none()));
     h.set_request_header("x-probe-set", Some(b"1"));
-    out.insert("set_then_read".into(), json!(h.request_header("x-probe-set").map(|v| String::from_utf8_lossy(&v).into_owned())));
+    out.insert(
+        "set_then_read".into(),
+        json!(h.request_header("x-probe-set").map(|v| String::from_utf8_lossy(&v).into_owned())),
+    );
     h.set_request_header("x-probe-set", None);
     out.insert("removed".into(), json!(h.request_header("x-probe-set").is_none()));
     let k = format!("probe|{tag}");
@@ -57,12 +63,18 @@ pub fn request_probes(h: &mut dyn Host, tag: &str) -> Value {
         .map(Value::Object);
     out.insert("route_metadata".into(), meta.unwrap_or(Value::Null));
     h.set_property(&["sluice.probe"], b"written");
-    out.insert("filter_state_read_back".into(), json!(h.property(&["sluice.probe"]).map(|v| String::from_utf8_lossy(&v).into_owned())));
+    out.insert(
+        "filter_state_read_back".into(),
+        json!(h.property(&["sluice.probe"]).map(|v| String::from_utf8_lossy(&v).into_owned())),
+    );
     out.insert("filter_state_missing".into(), json!(h.property(&["sluice.probe_missing"]).is_none()));
     let id = h.define_metric(MetricKind::Counter, "sluice_probe_counter");
     out.insert("metric_defined".into(), json!(id.is_some()));
     out.insert("env_missing".into(), json!(h.env_var("SLUICE_PROBE_NO_SUCH_VAR").is_none()));
-    out.insert("now_after_2020".into(), json!(h.now().duration_since(std::time::UNIX_EPOCH).is_ok_and(|d| d.as_secs() > 1_577_836_800)));
+    out.insert(
+        "now_after_2020".into(),
+        json!(h.now().duration_since(std::time::UNIX_EPOCH).is_ok_and(|d| d.as_secs() > 1_577_836_800)),
+    );
     out.insert("body_before_any".into(), json!(h.request_body(0, 100).is_none()));
     Value::Object(out)
 }
@@ -138,11 +150,19 @@ mod tests {
 
     /// The fake host set up like the e2e probe's Envoy: route `probe` with sluice metadata.
     fn fake() -> FakeHost {
-        let mut h = FakeHost::with_request_headers(&[(":method", "GET"), (":path", "/probe"), (":authority", "x"), (":scheme", "http")]);
+        let mut h = FakeHost::with_request_headers(&[
+            (":method", "GET"),
+            (":path", "/probe"),
+            (":authority", "x"),
+            (":scheme", "http"),
+        ]);
         h.set_prop(&["xds", "route_name"], "probe");
         h.properties.insert(
             "xds/route_metadata".into(),
-            sluice_core::encoding::test_encode_metadata("sluice", &json!({"provider": "openai", "n": 3, "list": ["a", "b"]})),
+            sluice_core::encoding::test_encode_metadata(
+                "sluice",
+                &json!({"provider": "openai", "n": 3, "list": ["a", "b"]}),
+            ),
         );
         h.time = Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000));
         h
