@@ -43,10 +43,49 @@ ADMIN_PORT = 9901
 UPSTREAM_PORTS = range(18000, 19000)
 
 
+# Listening ports come from a block of their own per pytest-xdist worker, below the kernel's
+# ephemeral range. Port 0 ("any free port") is not safe here: it hands out ports of the
+# ephemeral range, which the client sockets of the other worker keep taking as their local
+# ports, so a port found free could be taken before Envoy bound it ("Address already in use").
+PORT_BLOCKS = range(20000, 32000)
+
+
+def _ephemeral_floor() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _port_block() -> range:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    top = min(PORT_BLOCKS.stop, _ephemeral_floor())
+    if not worker:  # scripts and a plain pytest run: one more block, after the workers' ones
+        index, count = count, count + 1
+    size = (top - PORT_BLOCKS.start) // max(count, 1)
+    start = PORT_BLOCKS.start + index * size
+    return range(start, start + size)
+
+
+_BLOCK = _port_block()
+_next_port = _BLOCK.start + os.getpid() % max(len(_BLOCK), 1)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port of this process's block that nothing listens on now (each call a new one)."""
+    global _next_port
+    for _ in range(len(_BLOCK)):
+        port = _next_port
+        _next_port = _BLOCK.start + (port + 1 - _BLOCK.start) % len(_BLOCK)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_BLOCK}")
 
 
 class GiveUp(Exception):

@@ -7,7 +7,6 @@ Run: .venv/bin/pytest -q tests/rls/test_rls.py
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,19 +22,15 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "e2e"))
 import rls  # noqa: E402
+from harness import free_port  # noqa: E402
 
 Code = rls_pb2.RateLimitResponse.Code
 SECOND, MINUTE, HOUR = 1, 2, 3
 DIV = {SECOND: 1, MINUTE: 60, HOUR: 3600}
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop(proc: subprocess.Popen) -> None:
