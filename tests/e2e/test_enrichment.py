@@ -245,6 +245,17 @@ def test_non_json_bodies_pass_unchanged_and_are_counted(gw):
     assert counter(gw, sluice_rule="csv", sluice_action="passthrough", sluice_reason="not_json") == before + 4
 
 
+def test_a_json_body_sent_as_text_plain_is_enriched_all_the_same(gw):
+    """A provider that ignores the content type serves a JSON body labelled text/plain; the
+    guard and auth check that body as JSON, so enrichment must add its system prompt to it too
+    (it used to forward it unenriched as "not JSON")."""
+    client = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": SEED_TEXT}]}
+    for ctype in ("text/plain", "application/x-www-form-urlencoded"):
+        r, seen = send(gw, "/v1/chat/completions", json.dumps(client), headers={"content-type": ctype})
+        assert r.status_code == 200, r.text
+        assert seen["body"]["messages"] == [SYSTEM, {"role": "user", "content": SEED_TEXT}], ctype
+
+
 def test_wrong_shape_is_refused(gw):
     r, seen = send(gw, "/v1/chat/completions", {"model": "gpt-4o", "messages": [{"content": "no role"}]})
     assert r.status_code == 400

@@ -195,9 +195,9 @@ impl Stage for EnrichmentStage {
             self.count(h, &name, Verdict::Passthrough, "no_body");
             return Flow::Continue;
         }
-        if !x.request.json_content() {
-            return self.not_json(h, &name, "content-type is not JSON", x.id);
-        }
+        // The content type is not trusted: a provider may serve a JSON body labelled
+        // text/plain, and auth and the guard check such a body as JSON, so it is enriched
+        // the same way; the body parse decides what is JSON.
         self.profile = Some(index);
         x.want_body(BodyUse::Modify);
         Flow::Continue

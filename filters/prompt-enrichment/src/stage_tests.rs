@@ -327,16 +327,16 @@ fn not_json_passes_and_is_counted_or_refused_when_deny() {
     }
     assert_eq!(metric(&h, "csv", "passthrough", "not_json"), bad.len() as i64);
 
-    // A non-JSON content-type is not even buffered.
+    // The content type is not trusted: a JSON body labelled multipart/form-data is buffered
+    // and enriched like any other (auth and the guard check it as JSON too).
     let p = seed();
     let mut h = host(None);
     h.req_headers.retain(|(k, _)| k != "content-type");
     h.req_headers.push(("content-type".into(), b"multipart/form-data; boundary=x".to_vec()));
-    h.req_headers.push(("content-length".into(), b"5".to_vec()));
-    let mut pl = pipeline(&p);
-    assert_eq!(pl.on_request_headers(&mut h, false), Act::Continue);
-    assert_eq!(h.req_header("content-length").as_deref(), Some("5"));
-    assert_eq!(metric(&h, "csv", "passthrough", "not_json"), 1);
+    let (s1, s2) = run(&p, &mut h, br#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#);
+    assert_eq!((s1, s2), (Act::Pause, Act::Continue));
+    assert!(String::from_utf8_lossy(&h.req_body).contains(r#""role":"system""#), "enriched");
+    assert_eq!(metric(&h, "csv", "passthrough", "not_json"), 0);
 
     let deny =
         plugin(json!({"default_profile": "c", "failure_mode": "deny", "profiles": {"c": {"caps": {"max_tokens": 1}}}}));
