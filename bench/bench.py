@@ -18,6 +18,14 @@ front of the same provider, side by side in one run:
   (round 1: bare, ..., suite; round 2: the same, starting one configuration later) so machine
   drift hits every configuration alike;
 * before any load, probes that each filter in a chain visibly works;
+* the semantic cache and RAG (issue 17): `semantic-cache-miss` (every prompt new: exact and
+  semantic lookup miss, the provider answers, both tiers store), `semantic-cache-hit` (the same
+  prompt: exact hits), `semantic-cache-hit-semantic` (a new paraphrase of a stored prompt each
+  time: semantic hits) and `rag` (retrieval from a collection loaded from examples/rag/corpus),
+  against the same mock provider and its deterministic /v1/embeddings, with a Chroma the bench
+  starts; measured at concurrency 1 with bench/wrk-callout.lua (a body per request, every answer's
+  `x-sluice-cache` checked), side by side with a provider call through bare Envoy measured the
+  same way in the same rounds;
 * per configuration and round: latency at concurrency 1 with wrk (4 KB and 32 KB bodies);
   streamed requests (the mock spaces its 67 SSE events 1 ms apart, like a model producing
   tokens, so the first event travels alone: time to first byte, and no buffering = the first
@@ -39,6 +47,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shlex
 import shutil
 import signal
@@ -55,12 +64,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
-from harness import TARGET_DIR, config_ports, free_port, render_config  # noqa: E402
+from harness import TARGET_DIR, Chroma, config_ports, free_port, render_config  # noqa: E402
 
 ENVOY = Path(os.environ.get("SLUICE_ENVOY", ROOT / ".venv" / "bin" / "envoy"))
 MOCK_BIN = ROOT / "target" / "release" / "sluice-mock-provider"
 BENCH_DIR = ROOT / "bench"
 WRK_LUA = BENCH_DIR / "wrk-post.lua"
+WRK_CALLOUT_LUA = BENCH_DIR / "wrk-callout.lua"
+CHROMA_CONFIG_PORT = 18003  # the configs' Chroma port (the repo's convention), rendered to the bench's Chroma
+RAG_CORPUS = ROOT / "examples" / "rag" / "corpus"
 CHAT_PATH = "/v1/chat/completions"
 PEERS_DIR = BENCH_DIR / "peers"
 # The peers live outside the project's .venv (which the tests use): bench/peers/install.sh puts
@@ -88,6 +100,10 @@ CONFIGS: list[tuple[str, str]] = [
     ("suite", "suite"),
     ("suite-one-vm", "suite"),
     ("composed", "composed"),
+    ("semantic-cache-miss", "cache"),
+    ("semantic-cache-hit", "cache"),
+    ("semantic-cache-hit-semantic", "cache"),
+    ("rag", "rag"),
     ("litellm", "peer"),
     ("litellm-features", "peer"),
     ("portkey", "peer"),
@@ -100,7 +116,40 @@ PEER_NAMES = [n for n, k in CONFIGS if k == "peer"]
 # bench/noop-filter, a proxy-wasm filter doing nothing (or only copying bodies into the VM):
 # the floor any proxy-wasm filter costs in this Envoy, to tell Envoy's wasm machinery apart from
 # sluice's own work.
-CONFIG_FILE = {"bare-again": "bare"}
+CONFIG_FILE = {"bare-again": "bare", "semantic-cache-miss": "semantic-cache", "semantic-cache-hit": "semantic-cache",
+               "semantic-cache-hit-semantic": "semantic-cache"}
+# The semantic-cache and rag rows (kinds "cache", "rag") are measured only by the callout runs:
+# at concurrency 1, with bench/wrk-callout.lua, which sends every request its own body where a
+# row needs it and checks every answer; bare and bare-again run the same for the provider call
+# they are compared with. Their other tables' load (a fixed body at up to 64 connections) would
+# measure exact hits on the miss row and Chroma's throughput on the others.
+CALLOUT_KINDS = ("cache", "rag")
+# Per row: `does` (the report's words), `prompt` (the user message; `@UNIQUE@` becomes `words`
+# new words, one numbered and the others random: see bench/wrk-callout.lua), `expect`
+# (the x-sluice-cache prefix every answer must carry, "-": none), `prime` (a user message sent
+# once before the first run: the entry the hits are answered from), `stores` (each miss must land
+# in Chroma: the run waits, bounded, for the collection to grow by the requests), `rag` (each
+# request must get passages: sluice_rag_requests{sluice_action="added"} grows by the requests).
+# Prompts of different rows share no word: they meet in one Chroma collection and one scope.
+CACHE_HIT_PROMPT = "amber falcon granite orchard lagoon tundra"
+CACHE_PARAPHRASED = "cobalt meadow saffron glacier canyon harbor"
+RAG_QUESTION = "How many varieties of cheese are there in France?"
+CALLOUT: dict[str, dict] = {
+    "bare": {"does": "a provider call through bare Envoy (the baseline of the rows below)",
+             "prompt": "@UNIQUE@", "words": 8, "expect": "-"},
+    "semantic-cache-miss": {"does": "a miss: exact tier, embeddings + Chroma query (nothing within 0.25), the "
+                                    "provider call, exact store and the asynchronous Chroma upsert",
+                            "prompt": "@UNIQUE@", "words": 8, "expect": "miss", "stores": True},
+    "semantic-cache-hit": {"does": "an exact hit: answered from shared data, no callout, no provider call",
+                           "prompt": CACHE_HIT_PROMPT, "words": 0, "expect": "hit-exact", "prime": CACHE_HIT_PROMPT},
+    "semantic-cache-hit-semantic": {"does": "a semantic hit: a new paraphrase each time (the stored prompt plus one "
+                                            "new word, distance ~0.07), embeddings + Chroma query, no provider call",
+                                    "prompt": CACHE_PARAPHRASED + " @UNIQUE@", "words": 1, "expect": "hit-semantic",
+                                    "prime": CACHE_PARAPHRASED},
+    "rag": {"does": "retrieval: embeddings + Chroma query (top 3 within distance 0.6), the passages added as a "
+                    "system message, the provider call", "prompt": RAG_QUESTION + " @UNIQUE@", "words": 1, "expect": "-", "rag": True},
+}
+CALLOUT["bare-again"] = dict(CALLOUT["bare"], does="the same through a second bare Envoy (A/A control)")
 
 # The peer rows (bench/peers/; configurations written by bench/gen_configs.py). `lacks`: what of
 # sluice's suite the row cannot run here, and why (shown in the status column and the Peers table).
@@ -197,6 +246,17 @@ def chat_body(size: int, stream: bool = False) -> bytes:
     out = build(text)
     assert len(out) == size, (len(out), size)
     return out
+
+
+def callout_body(user: str, size: int = 4096) -> bytes:
+    """A chat-completions request of about `size` bytes whose padding is in the system message:
+    the cache keys on the last user message and rag embeds it, so the user message is the row's
+    prompt alone (a 4 KB user message of the same padding would make every prompt a paraphrase)."""
+    def build(system: str) -> bytes:
+        return json.dumps({"model": "gpt-4o", "messages": [{"role": "system", "content": system},
+                                                          {"role": "user", "content": user}]},
+                          separators=(",", ":")).encode()
+    return build(words_text(PROMPT_WORDS, max(0, size - len(build("")))))
 
 
 def answer_text(size: int = 1024) -> str:
@@ -312,14 +372,21 @@ def tree_memory(root: int) -> dict:
 def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None,
          timeout: float = 5.0) -> tuple[int, bytes]:
     """(status, body); status 0 when there was no answer (refused, reset, timed out)."""
+    code, _, data = http_response(method, url, body, headers, timeout)
+    return code, data
+
+
+def http_response(method: str, url: str, body: bytes | None = None, headers: dict | None = None,
+                  timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """(status, response headers with lowercase names, body); status 0 when there was no answer."""
     req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, r.read()
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
     except urllib.error.HTTPError as e:
-        return e.code, e.read()
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
     except (OSError, http_client.HTTPException) as e:  # URLError and timeouts are OSErrors
-        return 0, f"no answer: {e}".encode()
+        return 0, {}, f"no answer: {e}".encode()
 
 
 def stop_process(proc: subprocess.Popen | None, grace: float = 5.0) -> None:
@@ -414,7 +481,7 @@ class Gateway:
     headers: dict[str, str] | None = None  # None: the bench's common headers (request_headers)
     admin_port: int | None = None
 
-    def __init__(self, name: str, workdir: Path, mock_port: int, jwks: str):
+    def __init__(self, name: str, workdir: Path, mock_port: int, jwks: str, chroma_port: int | None = None):
         self.name = name
         self.file = BENCH_DIR / f"envoy-{CONFIG_FILE.get(name, name)}.yaml"
         self.proc: subprocess.Popen | None = None
@@ -434,12 +501,18 @@ class Gateway:
             self.status, self.detail = "not built", "missing " + ", ".join(missing) + (
                 " (scripts/bench.sh builds it unless --no-build)" if any("bench-noop" in w for w in missing) else "")
             return
+        self.uses_chroma = needs_chroma(text)
+        if self.uses_chroma and chroma_port is None:
+            self.status, self.detail = "failed to start", "the bench's Chroma did not start (see its log in the workdir)"
+            return
         # This run's JWKS instead of the committed placeholder (JSON inside a YAML '...' string).
         text = JWKS_IN_CONFIG.sub(lambda _m: '"jwks":' + jwks.replace("'", "''"), text)
         port_map: dict[int, int] = {}
         for p in sorted(config_ports(text)):
             # 18000-18099: mock providers -> all served by the one mock; anything else stays closed.
-            port_map[p] = mock_port if 18000 <= p <= 18099 else free_port()
+            # (18002, the embeddings endpoint, is the same mock); the Chroma port -> the bench's Chroma.
+            port_map[p] = chroma_port if p == CHROMA_CONFIG_PORT and self.uses_chroma else (
+                mock_port if 18000 <= p <= 18099 else free_port())
         self.port = port_map[10000]
         self.admin_port = port_map[9901]
         self.rendered = workdir / f"envoy-{name}.yaml"
@@ -483,6 +556,17 @@ class Gateway:
             pass
         self.detail = detail + (f"; log ({self.log_path}): {tail[-400:]}" if tail else "")
         stop_tree(self.proc)
+
+    def counter(self, name: str, **labels: str) -> float:
+        """The sum of a counter's Prometheus samples (from the admin endpoint) whose labels include
+        `labels`. Read outside the CPU windows: rendering the stats costs Envoy CPU."""
+        _, text = http("GET", f"http://127.0.0.1:{self.admin_port}/stats/prometheus", timeout=10)
+        total = 0.0
+        for m in re.finditer(r"^" + re.escape(name) + r"(?:\{(.*?)\})? (\S+)$", text.decode(errors="replace"), re.M):
+            got = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1) or ""))
+            if all(got.get(k) == v for k, v in labels.items()):
+                total += float(m.group(2))
+        return total
 
     def cpu(self) -> dict[tuple[int, int], int]:
         """A CPU snapshot of the whole process tree (see cpu_between)."""
@@ -601,13 +685,14 @@ def install_record(peer: str) -> dict | None:
 # ---------------------------------------------------------------------------------------------
 # load
 
-def run_wrk(url: str, body_file: Path, headers: dict[str, str], connections: int, seconds: float) -> dict:
+def run_wrk(url: str, body_file: Path, headers: dict[str, str], connections: int, seconds: float,
+            script: Path = WRK_LUA, script_args: tuple[str, ...] = ()) -> dict:
     threads = max(1, min(2, connections))
     args = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{max(1, round(seconds))}s",
-            "--timeout", "5s", "-s", str(WRK_LUA)]
+            "--timeout", "5s", "-s", str(script)]
     for k, v in headers.items():
         args += ["-H", f"{k}: {v}"]
-    args += [url, "--", str(body_file)]
+    args += [url, "--", str(body_file), *script_args]
     r = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60)
     for line in r.stdout.splitlines():
         if line.startswith("BENCHJSON "):
@@ -616,6 +701,91 @@ def run_wrk(url: str, body_file: Path, headers: dict[str, str], connections: int
             out["rps"] = out["requests"] / (out["duration_us"] / 1e6) if out["duration_us"] else 0.0
             return out
     raise RuntimeError(f"wrk printed no result (exit {r.returncode}): {r.stdout[-500:]} {r.stderr[-500:]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the semantic-cache and rag rows: Chroma, priming, the concurrency-1 callout runs
+
+CACHE_COLLECTION = "bench-cache"  # bench/gen_configs.py SEMCACHE
+RAG_COLLECTION = "bench-rag"  # bench/gen_configs.py RAG_ROUTE
+STORE_WAIT_S = 15.0  # how long a miss run waits for its asynchronous stores to reach Chroma
+
+
+def needs_chroma(config_text: str) -> bool:
+    return re.search(r"^\s*- name: chroma$", config_text, re.M) is not None
+
+
+def load_rag_collection(chroma: Chroma, mock: "MockProvider") -> None:
+    """Fill the rag rows' collection from examples/rag/corpus with scripts/rag-load, through the
+    mock's /v1/embeddings (the model the filter's config names)."""
+    r = subprocess.run([str(ROOT / "scripts" / "rag-load"), "--chroma", chroma.base, "--collection", RAG_COLLECTION,
+                        "--embeddings", f"{mock.base}/v1/embeddings", "--model", "text-embedding-3-small",
+                        str(RAG_CORPUS)], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError(f"scripts/rag-load failed ({r.returncode}): {(r.stderr or r.stdout)[-300:]}")
+    log(r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "rag-load: done")
+    mock.clear_log()
+
+
+def cache_header(g: "Gateway", user: str, headers: dict[str, str]) -> tuple[int, str]:
+    """(status, x-sluice-cache) of one request whose last user message is `user`."""
+    code, h, _ = http_response("POST", g.url, callout_body(user), headers, timeout=10)
+    return code, h.get("x-sluice-cache", "")
+
+
+def prime_callout(g: "Gateway", n: str, headers: dict[str, str]) -> None:
+    """Store the entry a hit row is answered from: one miss with the row's prompt; for the
+    semantic row, wait (bounded) until its entry is in Chroma, seen as a paraphrase hitting."""
+    spec = CALLOUT.get(n, {})
+    if not spec.get("prime"):
+        return
+    code, got = cache_header(g, spec["prime"], headers)
+    if code != 200 or got != "miss":
+        raise RuntimeError(f"priming {n}: HTTP {code}, x-sluice-cache {got!r} (want a 200 miss)")
+    if not spec["expect"].startswith("hit-semantic"):
+        return
+    deadline = time.monotonic() + STORE_WAIT_S
+    i = 0
+    while time.monotonic() < deadline:
+        i += 1  # a new check word each time: a missed check is stored, its repeat would hit exactly
+        code, got = cache_header(g, f"{spec['prime']} primecheck{i}", headers)
+        if code == 200 and got.startswith("hit-semantic"):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"priming {n}: no semantic hit within {STORE_WAIT_S:.0f} s (last {code} {got!r})")
+
+
+def run_callout(a: argparse.Namespace, g: "Gateway", n: str, mock: "MockProvider", chroma: Chroma | None,
+                body_file: Path, headers: dict[str, str], seconds: float) -> dict:
+    """One concurrency-1 run of a callout row with bench/wrk-callout.lua: wrk's latency
+    percentiles, the errors (wrk's and every answer that was not the row's expected kind), the
+    gateway's CPU per request and Chroma's. A miss run waits (bounded) until Chroma holds one new
+    entry per request before it takes the closing CPU snapshots, so the asynchronous stores are
+    in its CPU; a rag run checks that every request got passages."""
+    spec = CALLOUT[n]
+    stores = bool(spec.get("stores")) and chroma is not None
+    added0 = g.counter("sluice_rag_requests", sluice_action="added") if spec.get("rag") else 0.0
+    passages0 = g.counter("sluice_rag_passages") if spec.get("rag") else 0.0
+    count0 = chroma.count(CACHE_COLLECTION) if stores else 0
+    s0 = tree_cpu(chroma.proc.pid) if chroma else {}
+    c0 = g.cpu()
+    w = run_wrk(g.url, body_file, headers, 1, seconds, script=WRK_CALLOUT_LUA,
+                script_args=(str(spec["words"]), spec["expect"], "w" + secrets.token_hex(4)))
+    if stores:
+        deadline = time.monotonic() + STORE_WAIT_S
+        while chroma.count(CACHE_COLLECTION) - count0 < w["requests"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+    w["cpu_ns"] = cpu_between(c0, g.cpu())
+    w["store_cpu_ns"] = cpu_between(s0, tree_cpu(chroma.proc.pid)) if chroma else None
+    if stores:
+        w["stored"] = chroma.count(CACHE_COLLECTION) - count0
+        w["stores_missing"] = max(0, w["requests"] - w["stored"])
+    if spec.get("rag"):
+        w["rag_added"] = int(g.counter("sluice_rag_requests", sluice_action="added") - added0)
+        w["rag_missing"] = max(0, w["requests"] - w["rag_added"])
+        w["rag_passages"] = int(g.counter("sluice_rag_passages") - passages0)
+    mock.clear_log()
+    return w
 
 
 class StreamClient:
@@ -678,7 +848,8 @@ class StreamClient:
 
 FILTER_OF_WASM = {"sluice_auth.wasm": "auth", "sluice_token_ratelimit.wasm": "token-ratelimit",
                   "sluice_prompt_guard.wasm": "prompt-guard", "sluice_prompt_enrichment.wasm": "prompt-enrichment",
-                  "sluice_model_failover.wasm": "model-failover", "sluice_usage_metrics.wasm": "usage-metrics"}
+                  "sluice_model_failover.wasm": "model-failover", "sluice_usage_metrics.wasm": "usage-metrics",
+                  "sluice_semantic_cache.wasm": "semantic-cache", "sluice_rag.wasm": "rag"}
 
 
 def _stat_seen(admin: str, needle: str, path: str = "/stats", timeout: float = 3.0) -> bool:
@@ -726,6 +897,20 @@ def probe_filters(g: "Gateway", mock: "MockProvider", headers: dict[str, str], b
     if "token-ratelimit" in filters:
         out["token-ratelimit"] = "ok" if _stat_seen(admin, "sluice_ratelimit_requests") \
             else "no sluice_ratelimit_requests counter in /stats"
+    if "semantic-cache" in filters:  # a new prompt misses, the same again hits the exact tier
+        probe = " ".join(f"probe{secrets.token_hex(4)}" for _ in range(4))
+        got = [cache_header(g, probe, headers) for _ in range(2)]
+        out["semantic-cache"] = "ok" if got == [(200, "miss"), (200, "hit-exact")] \
+            else f"a new prompt, then the same again: {got} (want a miss, then hit-exact)"
+    if "rag" in filters:  # the corpus's answer reaches the provider in an added system message
+        mock.clear_log()
+        code, _ = http("POST", g.url, callout_body(RAG_QUESTION), headers, timeout=10)
+        _, log_text = http("GET", f"{mock.base}/__mock/log")
+        chats = [e for e in json.loads(log_text or b"[]") if e.get("path", "").endswith("/chat/completions")]
+        msgs = ((chats[-1] if chats else {}).get("body") or {}).get("messages") or []
+        out["rag"] = "ok" if code == 200 and msgs and msgs[0].get("role") == "system" \
+            and "1,600" in str(msgs[0].get("content")) \
+            else f"HTTP {code}; the provider did not receive the corpus passage in a system message first"
     mock.clear_log()
     return out
 
@@ -833,6 +1018,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if "bare" not in a.configs:
             a.configs.insert(0, "bare")  # every ratio needs bare from the same run
         a.configs = [n for n in names if n in a.configs]
+    # the callout rows need bare's (and bare-again's) provider call measured the same way
+    a.callout = any(KIND[n] in CALLOUT_KINDS for n in a.configs)
     return a
 
 
@@ -959,6 +1146,7 @@ def main(argv: list[str]) -> int:
     results: dict[str, dict] = {}
     gateways: dict[str, Gateway] = {}
     mock: MockProvider | None = None
+    chroma: Chroma | None = None
 
     def on_term(signum, frame):  # make SIGTERM run the finally block like Ctrl-C does
         raise KeyboardInterrupt
@@ -970,8 +1158,28 @@ def main(argv: list[str]) -> int:
         mock = MockProvider(workdir)
         jwks, token = auth_material(workdir)
         headers = request_headers(token)
+        rag_error = None
+        if any(KIND[n] in CALLOUT_KINDS for n in a.configs):
+            # the vector store of the semantic-cache and rag rows: one Chroma on 127.0.0.1, data in
+            # the workdir, stopped by PID in the finally block below
+            try:
+                chroma = Chroma(workdir)
+                log(f"chroma: listening on {chroma.base} (log {chroma.log_path})")
+                if "rag" in a.configs:
+                    try:
+                        load_rag_collection(chroma, mock)
+                    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                        rag_error = str(e)
+            except (RuntimeError, OSError) as e:
+                log(f"warning: Chroma did not start ({e}); the semantic-cache and rag rows will not run")
         for n in a.configs:
-            gateways[n] = PeerGateway(n, workdir, mock.port) if KIND[n] == "peer" else Gateway(n, workdir, mock.port, jwks)
+            gateways[n] = PeerGateway(n, workdir, mock.port) if KIND[n] == "peer" else Gateway(
+                n, workdir, mock.port, jwks, chroma.port if chroma else None)
+        if rag_error and gateways.get("rag") and gateways["rag"].status == "ok":
+            gateways["rag"].status, gateways["rag"].detail = "broken", f"loading its collection: {rag_error}"
+        callout_bodies = {n: workdir / f"callout-{n}.json" for n in a.configs if n in CALLOUT}
+        for n, f in callout_bodies.items():
+            f.write_bytes(callout_body(CALLOUT[n]["prompt"]))
         # every request of a configuration carries the same headers: the common ones for Envoy
         # (bare ignores them), each peer's own (its key, Portkey's config header)
         headers_of = {n: gateways[n].headers or headers for n in a.configs}
@@ -1026,11 +1234,15 @@ def main(argv: list[str]) -> int:
 
         per_round = (2 * a.latency_seconds + 0.09 * a.stream_requests
                      + len(a.connections) * a.throughput_seconds + 1.5)
-        log(f"{len(live)} configurations x {a.rounds} rounds: about "
-            f"{(len(live) * (a.rounds * per_round + 1.5)) / 60:.1f} min of load")
+        n_callout = sum(1 for n in live if KIND[n] in CALLOUT_KINDS)
+        load_s = ((len(live) - n_callout) * (a.rounds * per_round + 1.5)
+                  + n_callout * (a.rounds + 1) * (a.latency_seconds + 1.5)
+                  + (2 * a.rounds * a.latency_seconds if a.callout else 0))
+        log(f"{len(live)} configurations x {a.rounds} rounds: about {load_s / 60:.1f} min of load")
 
         def measure(n: str, r: int) -> None:
-            results[n]["rounds"].append(measure_round(a, gateways[n], n, r, mock, bodies, stream_body, headers_of[n]))
+            results[n]["rounds"].append(measure_round(a, gateways[n], n, r, mock, bodies, stream_body, headers_of[n],
+                                                      chroma, callout_bodies.get(n)))
 
         def drop(n: str, e: Exception) -> None:
             """A configuration that breaks under load is reported as such, not measured further
@@ -1043,9 +1255,14 @@ def main(argv: list[str]) -> int:
             log(f"{n}: {gateways[n].status} ({gateways[n].detail})")
 
         # Warm-up: connection pools, wasm JIT tiers, first-use allocations (and the peers' lazy imports).
+        # The callout rows: their entry stored first (hit rows), then a run of their own kind.
         for n in list(live):
             try:
-                run_wrk(gateways[n].url, bodies["4k"], headers_of[n], 4, 2 if KIND[n] == "peer" else 1)
+                if KIND[n] in CALLOUT_KINDS:
+                    prime_callout(gateways[n], n, headers_of[n])
+                    run_callout(a, gateways[n], n, mock, chroma, callout_bodies[n], headers_of[n], 1)
+                else:
+                    run_wrk(gateways[n].url, bodies["4k"], headers_of[n], 4, 2 if KIND[n] == "peer" else 1)
             except (RuntimeError, OSError, subprocess.SubprocessError, ValueError, KeyError) as e:
                 drop(n, e)
             mock.clear_log()
@@ -1067,18 +1284,30 @@ def main(argv: list[str]) -> int:
     finally:
         for g in gateways.values():
             g.stop()
+        if chroma:
+            chroma.stop()
         if mock:
             mock.stop()
     return finish(a, info, started, results, workdir)
 
 
 def measure_round(a: argparse.Namespace, g: Gateway, n: str, r: int, mock: MockProvider, bodies: dict,
-                  stream_body: bytes, headers: dict[str, str]) -> dict:
+                  stream_body: bytes, headers: dict[str, str], chroma: Chroma | None = None,
+                  callout_file: Path | None = None) -> dict:
     """One configuration's measurements in round r: latency at c=1 (4 KB, 32 KB), streaming (TTFB,
-    buffering, CPU), throughput at each connection count (with CPU)."""
+    buffering, CPU), throughput at each connection count (with CPU); a semantic-cache or rag row
+    only its callout run at c=1, which bare and bare-again then run too (the provider call)."""
     if g.proc is not None and g.proc.poll() is not None:
         raise RuntimeError(f"the gateway exited with {g.proc.returncode}")
     rr: dict = {"round": r + 1}
+    if KIND[n] in CALLOUT_KINDS or (a.callout and n in CALLOUT and callout_file is not None):
+        rr["callout"] = w = run_callout(a, g, n, mock, chroma, callout_file, headers, a.latency_seconds)
+        what = CALLOUT[n]['expect'] if CALLOUT[n]['expect'] != '-' else ('rag' if CALLOUT[n].get('rag') else 'provider call')
+        log(f"  {n}: c=1 {what}: "
+            f"p50 {w['lat_p50_us']} us, p99 {w['lat_p99_us']} us, {w['requests']} requests, {w['errors']} errors, "
+            f"CPU {w['cpu_ns'] / 1000 / max(1, w['requests']):.0f} us/request")
+        if KIND[n] in CALLOUT_KINDS:
+            return rr
     for size in ("4k", "32k"):
         rr[f"lat_{size}"] = run_wrk(g.url, bodies[size], headers, 1, a.latency_seconds)
         mock.clear_log()
@@ -1160,7 +1389,28 @@ def summarise(a: argparse.Namespace, results: dict[str, dict]) -> dict[str, dict
             row["wasm"].append({"name": name, "kib": kib,
                                 "budget_kib": budgets.get(name, budgets.get("default", 300))})
         rounds = res.get("rounds", [])
-        if res["status"] == "ok" and rounds:
+        calls = [r["callout"] for r in rounds if "callout" in r] if res["status"] == "ok" else []
+        if calls:  # the concurrency-1 callout runs (semantic-cache and rag rows; bare's provider call)
+            reqs = sum(w["requests"] for w in calls)
+            row["c1_requests"] = reqs
+            row["c1_errors"] = sum(w["errors"] for w in calls)
+            row["c1_first_unexpected"] = next((w["first_unexpected"] for w in calls if w.get("first_unexpected")), None)
+            row["c1_p50"] = median([w["lat_p50_us"] for w in calls])
+            row["c1_p99"] = median([w["lat_p99_us"] for w in calls])
+            row["c1_cpu_us_per_req"] = sum(w["cpu_ns"] for w in calls) / 1000 / reqs if reqs else None
+            store = [w["store_cpu_ns"] for w in calls if w.get("store_cpu_ns") is not None]
+            row["c1_store_cpu_us_per_req"] = sum(store) / 1000 / reqs if reqs and len(store) == len(calls) else None
+            if any("stored" in w for w in calls):
+                row["c1_stored"] = sum(w.get("stored", 0) for w in calls)
+                row["c1_stores_missing"] = sum(w.get("stores_missing", 0) for w in calls)
+            if any("rag_added" in w for w in calls):
+                row["c1_rag_added"] = sum(w.get("rag_added", 0) for w in calls)
+                row["c1_rag_missing"] = sum(w.get("rag_missing", 0) for w in calls)
+                row["c1_rag_passages"] = sum(w.get("rag_passages", 0) for w in calls)
+        if KIND[n] in CALLOUT_KINDS and res["status"] == "ok":
+            row["rss_mib"] = res["rss_kib"] / 1024 if res.get("rss_kib") else None
+            row["processes"] = res.get("processes")
+        if res["status"] == "ok" and rounds and "lat_4k" in rounds[0]:
             for size in ("4k", "32k"):
                 runs = [r[f"lat_{size}"] for r in rounds]
                 row[f"lat_{size}_errors"] = sum(x["errors"] for x in runs)
@@ -1214,8 +1464,12 @@ def summarise(a: argparse.Namespace, results: dict[str, dict]) -> dict[str, dict
             if row.get(k) is not None and bare.get(k):
                 row[f"add_{k}"] = row[k] - bare[k]
                 row[f"ratio_{k}"] = row[k] / bare[k]
-        for k in ("max_rps", "cpu_us_per_req", "stream_cpu_us_per_req"):
+        for k in ("max_rps", "cpu_us_per_req", "stream_cpu_us_per_req", "c1_cpu_us_per_req"):
             if row.get(k) is not None and bare.get(k):
+                row[f"ratio_{k}"] = row[k] / bare[k]
+        for k in ("c1_p50", "c1_p99"):
+            if row.get(k) is not None and bare.get(k):
+                row[f"add_{k}"] = row[k] - bare[k]
                 row[f"ratio_{k}"] = row[k] / bare[k]
         if row.get("rss_mib") is not None and bare.get("rss_mib") is not None:
             row["add_rss_mib"] = row["rss_mib"] - bare["rss_mib"]
@@ -1259,6 +1513,30 @@ def targets(n: str, row: dict, control: dict | None = None) -> list[dict]:
                   f"{w['kib']:.0f} KiB")
     kind = row["kind"]
     if row["status"] != "ok" or kind in ("baseline", "floor"):
+        return out
+    if kind in CALLOUT_KINDS:  # functional only: what each request was is the point of these rows
+        for f, why in row.get("probes", {}).items():
+            if why != "ok":
+                out.append({"target": f"{f} is active (probe before the load)", "measured": why, "verdict": "MISSED"})
+        if "c1_requests" in row:
+            expect = CALLOUT[n]["expect"]
+            want = f"a 200 with `x-sluice-cache: {expect}`" if expect != "-" else "a 200"
+            errs = row.get("c1_errors") or 0
+            out.append({"target": f"every request of the c=1 runs got {want}",
+                        "measured": f"{row['c1_requests']} requests, {errs} not" + (
+                            f" (first: {row['c1_first_unexpected']})" if row.get("c1_first_unexpected") else ""),
+                        "verdict": "met" if errs == 0 else "MISSED"})
+        if "c1_stored" in row:
+            miss = row["c1_stores_missing"]
+            out.append({"target": "every miss stored in Chroma (asynchronously, within "
+                                  f"{STORE_WAIT_S:.0f} s of its run)",
+                        "measured": f"{row['c1_stored']} new entries" + (f", {miss} missing" if miss else ""),
+                        "verdict": "met" if miss == 0 else "MISSED"})
+        if "c1_rag_added" in row:
+            miss = row["c1_rag_missing"]
+            out.append({"target": "every request got passages (`sluice_rag_requests{sluice_action=\"added\"}`)",
+                        "measured": f"{row['c1_rag_added']} added" + (f", {miss} without" if miss else ""),
+                        "verdict": "met" if miss == 0 else "MISSED"})
         return out
     if kind == "peer":  # the peers: only that what they run works and answers without errors
         for f, why in row.get("probes", {}).items():
@@ -1455,6 +1733,51 @@ def status_cell(n: str, r: dict) -> str:
     return r["status"]
 
 
+def callout_table(s: dict[str, dict], rows: dict[str, dict]) -> list[str]:
+    """The semantic-cache and RAG table (issue 17): each row's concurrency-1 runs next to a
+    provider call through bare Envoy measured the same way in the same rounds."""
+    L = ["## Semantic cache and RAG: a miss, a hit and retrieval next to a provider call (concurrency 1)\n",
+         "Each row's requests go one at a time through `bench/wrk-callout.lua` (a body per request where the "
+         "row needs it; every answer checked), against the same mock provider, whose `/v1/embeddings` is the "
+         "embeddings endpoint, and a Chroma the bench starts. `bare` is a provider call through bare Envoy with "
+         "the same client and body shape (a new prompt each request), in the same rounds: the ratios are to it. "
+         "Envoy CPU is the gateway's process tree over the run (a miss run includes its asynchronous Chroma "
+         "upserts: it ends when every one has landed); Chroma's CPU is its own, the store's side of each "
+         "request. The mock's work (the answer, the embeddings) is in neither.\n",
+         "| config | status | each request | requests | p50 µs (added, × bare) | p99 µs (added, × bare) "
+         "| Envoy CPU µs/request (× bare) | Chroma CPU µs/request | checked |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for n in [x for x in ("bare", "bare-again") if x in s] + list(rows):
+        r = s[n]
+        does = CALLOUT.get(n, {}).get("does", "-")
+        if r["status"] != "ok" or r.get("c1_p50") is None:
+            L.append(f"| {n} | {r['status'] if r['status'] != 'ok' else 'not measured'} | {does} | - | - | - | - | - | - |")
+            continue
+        base = n == "bare"
+        lat = [fmt_us(r.get(k), None if base else r.get(f"add_{k}"), r.get(f"ratio_{k}")) for k in ("c1_p50", "c1_p99")]
+        cpu = r.get("c1_cpu_us_per_req")
+        cpu_s = "-" if cpu is None else f"{cpu:.0f}" + (
+            "" if base or r.get("ratio_c1_cpu_us_per_req") is None else f" ({r['ratio_c1_cpu_us_per_req']:.2f}×)")
+        store = r.get("c1_store_cpu_us_per_req")
+        store_s = "-" if store is None or r["kind"] not in CALLOUT_KINDS else f"{store:.0f}"
+        errs = r.get("c1_errors") or 0
+        expect = CALLOUT.get(n, {}).get("expect", "-")
+        shown = expect + ("; distance=…" if expect == "hit-semantic" else "")
+        checked = [f"**{errs} errors or unexpected answers**" if errs else (
+            f"every answer a 200 with `x-sluice-cache: {shown}`" if expect != "-" else "every answer a 200")]
+        if "c1_stored" in r:
+            checked.append(f"**{r['c1_stores_missing']} not stored**" if r["c1_stores_missing"]
+                           else f"{r['c1_stored']} stored in Chroma")
+        if "c1_rag_added" in r:
+            per = f" ({r['c1_rag_passages'] / r['c1_requests']:.1f} per request)" if r.get("c1_rag_passages") else ""
+            checked.append(f"**{r['c1_rag_missing']} without passages**" if r["c1_rag_missing"]
+                           else f"passages added to every request{per}")
+        L.append(f"| {n} | {status_cell(n, r)} | {does} | {r['c1_requests']} | {lat[0]} | {lat[1]} | {cpu_s} "
+                 f"| {store_s} | {'; '.join(checked)} |")
+    L.append("")
+    return L
+
+
 def render_report(a: argparse.Namespace, info: dict, s: dict[str, dict]) -> str:
     L: list[str] = []
     date = info.get("date") or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -1503,6 +1826,8 @@ def render_report(a: argparse.Namespace, info: dict, s: dict[str, dict]) -> str:
     L.append("| config | status | 4 KB p50 | 4 KB p99 | 32 KB p50 | 32 KB p99 | stream TTFB p50 | stream TTFB p90 |")
     L.append("|---|---|---|---|---|---|---|---|")
     for n, r in s.items():
+        if r["kind"] in CALLOUT_KINDS:  # measured by their own runs: the semantic-cache and RAG table
+            continue
         if r["status"] != "ok":
             L.append(f"| {n} | {r['status']} | - | - | - | - | - | - |")
             continue
@@ -1525,6 +1850,12 @@ def render_report(a: argparse.Namespace, info: dict, s: dict[str, dict]) -> str:
         active = ", ".join(f + ("" if v == "ok" else f" ({v[4:]})" if v.startswith("ok: ") else " **NO**")
                            for f, v in r["probes"].items()) or "-"
         bare_row = n == "bare"
+        if r["kind"] in CALLOUT_KINDS:  # latency and CPU: the semantic-cache and RAG table below
+            rss = r.get("rss_mib")
+            rss_s = "-" if rss is None else f"{rss:.1f}" + (
+                f" ({rss - s['bare']['rss_mib']:+.1f})" if (s.get("bare") or {}).get("rss_mib") else "")
+            L.append(f"| {n} | {status_cell(n, r)} | - | - | see below | - | {rss_s} | - | {wasm} | {active} |")
+            continue
         mr = r.get("max_rps")
         rps = "none without errors" if mr is None else (
             f"{mr:.0f}" + ("" if bare_row or r.get("ratio_max_rps") is None else f" ({r['ratio_max_rps']:.2f}×)"))
@@ -1543,6 +1874,9 @@ def render_report(a: argparse.Namespace, info: dict, s: dict[str, dict]) -> str:
                  f"| {rss_s} | {buf} | {wasm} | {active} |")
     L.append("")
 
+    callout_rows = {n: r for n, r in s.items() if r["kind"] in CALLOUT_KINDS}
+    if callout_rows:
+        L.extend(callout_table(s, callout_rows))
     L.append("## Targets (issue 9)\n")
     L.append("Functional checks (probes, errors, `.wasm` budgets) for every configuration, and issue 9's cost "
              "targets for the separate filters and the suites of separate filters; the composed suite's costs, "
@@ -1700,6 +2034,26 @@ NOTES = """## How it is measured
   the first body byte (the first event) arrives; its p90 rather than p99 because there are only
   a few hundred streams. "Buffered" = the first event arrived after half the stream's duration
   (a filter holding the stream back). The client's own overhead is the same for every config.
+- **Semantic cache and RAG** (issue 17; `bench/envoy-semantic-cache.yaml`, `bench/envoy-rag.yaml`):
+  the filter alone on a named route, the mock provider's deterministic `/v1/embeddings` as the
+  embeddings endpoint, a Chroma the bench starts (`.venv/bin/chroma run --path <workdir> --host
+  127.0.0.1`, stopped by PID) as the store; the cache's scope is global (no auth in the chain), and
+  the rag collection is loaded from `examples/rag/corpus` with `scripts/rag-load`. These rows are
+  measured only at concurrency 1, with `bench/wrk-callout.lua`: 4 KB bodies whose padding is in the
+  system message, so the user message, which the cache keys on and rag embeds, is the row's prompt.
+  `semantic-cache-miss` sends eight new words in every prompt, one numbered and seven random (both
+  tiers miss: the mock's embeddings hash each word into one of 256 buckets, and words that differ
+  only in a counter land in correlated buckets, so numbered words alone would make distance-0
+  twins after a few hundred prompts); `semantic-cache-hit` one stored prompt
+  (exact hits); `semantic-cache-hit-semantic` the stored prompt plus one new word (a new paraphrase
+  each time, distance ~0.07: semantic hits). Every answer's `x-sluice-cache` must be the row's kind
+  (a miss, `hit-exact`, `hit-semantic`), else it counts as an error; a miss run waits (up to 15 s)
+  until Chroma holds one new entry per request, and its CPU window closes after that; a rag run
+  checks `sluice_rag_requests{sluice_action="added"}` grew by its requests. `bare` (and
+  `bare-again`) run the same client with a new prompt per request in the same rounds: the provider
+  call the rows are compared with. The warm-up stores the hit rows' entries first. wrk with a
+  fixed body cannot make every prompt new, and a Python client would add its own overhead to
+  every latency: a wrk Lua `request()` builds each body in the load generator instead.
 - **Max throughput with zero errors**: `wrk` at each connection count; a count qualifies only if
   no round had a socket error or a status above 399; the value is the median over rounds of the
   best qualifying count. Client, Envoy and mock share the CPUs, so this is the throughput of the

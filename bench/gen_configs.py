@@ -78,11 +78,27 @@ ENRICH = {"default_profile": "bench", "profiles": {"bench": {
 METRICS = {"inject_include_usage": True}
 FAILOVER_DOWN = {"role": "downstream"}
 FAILOVER_UP = {"providers": {"openai": {"credential_env": "OPENAI_API_KEY"}}}
+# semantic-cache and rag (issue 17): the embeddings endpoint is the mock provider's deterministic
+# /v1/embeddings (cluster `embeddings`, 18002: served by the run's one mock, like the provider), the
+# store a Chroma the bench starts (cluster `chroma`, 18003: rendered to its port). The cache's
+# scope is global (no auth in the chain: the default `user` scope would skip every request);
+# max_distance 0.25 suits the mock's hashed-word embeddings, as in examples/semantic-cache.
+EMBEDDINGS = {"cluster": "embeddings", "model": "text-embedding-3-small", "credential_env": "OPENAI_API_KEY",
+              "timeout": "1s"}
+SEMCACHE = {"embeddings": EMBEDDINGS,
+            "store": {"type": "chroma", "cluster": "chroma", "collection": "bench-cache", "timeout": "500ms"},
+            "scope": "global", "ttl": "1h", "max_distance": 0.25, "failure_mode": "allow"}
+RAG = {"embeddings": EMBEDDINGS, "store": {"type": "chroma", "cluster": "chroma", "timeout": "500ms"},
+       "top_k": 3, "max_distance": 0.6, "max_added_tokens": 512, "failure_mode": "allow"}
+# the rag route's metadata: the collection bench/bench.py loads from examples/rag/corpus
+RAG_ROUTE = {"collection": "bench-rag", "top_k": 3, "max_distance": 0.6, "max_added_tokens": 512}
 
 
 def wasm_filter(fname: str, crate: str, cfg: dict, policy: str, body: bool = True,
-                wasm_dir: str = WASM, name: str | None = None) -> str:
+                wasm_dir: str = WASM, name: str | None = None, env_keys: bool = False) -> str:
     hold = "\n                allow_on_headers_stop_iteration: true" if body else ""
+    # the embeddings endpoint's key (credential_env), as model-failover's provider key
+    env = "\n                  environment_variables: { host_env_keys: [OPENAI_API_KEY] }" if env_keys else ""
     return f"""          - name: sluice.{fname}
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
@@ -92,7 +108,7 @@ def wasm_filter(fname: str, crate: str, cfg: dict, policy: str, body: bool = Tru
                 failure_policy: {policy}
                 vm_config:
                   vm_id: sluice-{crate.replace('_', '-')}
-                  runtime: envoy.wasm.runtime.v8
+                  runtime: envoy.wasm.runtime.v8{env}
                   code: {{ local: {{ filename: {wasm_dir}/sluice_{crate}.wasm }} }}
 """
 
@@ -180,6 +196,37 @@ UPSTREAM_GATEWAY = f"""        - name: sluice.upstream
 """
 
 
+# The route of the semantic-cache and rag configurations: named (the route name is part of the
+# cache scope), and for rag the route metadata that turns retrieval on.
+ROUTE_MATCH_BARE = """              - match: { prefix: "/" }
+"""
+
+
+def route_named(name: str, sluice: dict | None = None) -> str:
+    meta = f"\n                metadata: {{ filter_metadata: {{ sluice: {j(sluice)} }} }}" if sluice else ""
+    return f"""              - name: {name}
+                match: {{ prefix: "/" }}{meta}
+"""
+
+
+# The embeddings endpoint and the vector store, appended to bare's clusters.
+CLUSTERS_LOOKUP = """  # Any OpenAI-compatible /v1/embeddings: here the mock provider's (the bench's one mock serves it).
+  - name: embeddings
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: embeddings
+      endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 18002 } } } } ] } ]
+  # Chroma (`chroma run --host 127.0.0.1`, started and stopped by the bench).
+  - name: chroma
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: chroma
+      endpoints: [ { lb_endpoints: [ { endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: 18003 } } } } ] } ]
+"""
+
+
 def cluster_failover(upstream: str) -> str:
     return f"""  clusters:
   - name: provider
@@ -231,6 +278,13 @@ DESC = {
     "composed": "the composed suite: one filter from sluice_gateway.wasm running every stage (auth,\n"
                 "# prompt-enrichment, prompt-guard, token-ratelimit, usage-metrics, model-failover downstream) in one pass,\n"
                 "# plus the model-failover upstream role from the same module and VM; stage settings as in `suite`.",
+    "semantic-cache": "semantic-cache alone (rows semantic-cache-miss, -hit,\n"
+                      "# -hit-semantic): exact tier in shared data, semantic tier through the mock's /v1/embeddings and\n"
+                      "# a Chroma the bench starts, global scope (no auth in the chain), 1 h TTL, max_distance 0.25.",
+    "rag": "rag alone: on the named route (metadata sluice.rag: collection\n"
+           "# bench-rag, which the bench loads from examples/rag/corpus), embed the last user message through the\n"
+           "# mock's /v1/embeddings, retrieve the 3 nearest passages within distance 0.6 from Chroma, add them as\n"
+           "# a system message.",
     "noop-headers": "the floor for header filters: bench/noop-filter returning Continue from\n"
                     "# every callback (what Envoy + V8 charge for any proxy-wasm filter doing nothing).",
     "noop-body": "the floor for body filters: bench/noop-filter holding the request until its\n"
@@ -403,6 +457,8 @@ def main() -> None:
         "usage-metrics": wasm_filter("usage_metrics", "usage_metrics", METRICS, "FAIL_OPEN"),
         "model-failover": wasm_filter("model_failover.downstream", "model_failover", FAILOVER_DOWN, "FAIL_RELOAD",
                                       body=False, name="model_failover_downstream"),
+        "semantic-cache": wasm_filter("semantic_cache", "semantic_cache", SEMCACHE, "FAIL_OPEN", env_keys=True),
+        "rag": wasm_filter("rag", "rag", RAG, "FAIL_OPEN", env_keys=True),
         "noop-headers": wasm_filter("bench_noop", "bench_noop", {"read_bodies": False}, "FAIL_OPEN",
                                     body=False, wasm_dir=NOOP_DIR),
         "noop-body": wasm_filter("bench_noop", "bench_noop", {"read_bodies": True}, "FAIL_OPEN", wasm_dir=NOOP_DIR),
@@ -417,7 +473,8 @@ def main() -> None:
     bare = (BENCH / "envoy-bare.yaml").read_text()
     cluster_bare = bare[bare.index("  clusters:\n"):]
 
-    def make(name: str, filters: list[str], failover: bool = False, upstream: str = UPSTREAM_SEPARATE) -> None:
+    def make(name: str, filters: list[str], failover: bool = False, upstream: str = UPSTREAM_SEPARATE,
+             route: str | None = None) -> None:
         text = bare[bare.index("admin:"):]
         head = (f"# Benchmark configuration `{name}` (scripts/bench.sh): {DESC[name]}\n"
                 "# Same listener, route, access log and stats tags as bench/envoy-bare.yaml; only the sluice\n"
@@ -430,6 +487,9 @@ def main() -> None:
             text = text.replace('              domains: ["*"]\n',
                                 '              domains: ["*"]\n              include_request_attempt_count: true\n')
             text = text.replace(cluster_bare, cluster_failover(upstream))
+        if route is not None:  # semantic-cache, rag: a named route and the embeddings + store clusters
+            text = text.replace(ROUTE_MATCH_BARE, route)
+            text = text.rstrip("\n") + "\n" + CLUSTERS_LOOKUP
         (BENCH / f"envoy-{name}.yaml").write_text(text)
 
     for f in ORDER:
@@ -437,6 +497,8 @@ def main() -> None:
     make("suite", ORDER)
     make("suite-one-vm", [f"one-vm:{f}" for f in ORDER], failover=True, upstream=UPSTREAM_GATEWAY)
     make("composed", ["composed"], failover=True, upstream=UPSTREAM_GATEWAY)
+    make("semantic-cache", ["semantic-cache"], route=route_named("chat"))
+    make("rag", ["rag"], route=route_named("chat", {"rag": RAG_ROUTE}))
     make("noop-headers", ["noop-headers"])
     make("noop-body", ["noop-body"])
     write_peer_configs()

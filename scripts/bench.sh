@@ -7,6 +7,8 @@
 #   scripts/bench.sh --quick      ~2-minute smoke run of every sluice configuration, no peers
 #   scripts/bench.sh --quick --peers --configs bare,composed,litellm-features,portkey-features
 #   scripts/bench.sh --quick --no-build --configs bare --out /tmp/b.md   (tests/e2e/test_bench.py)
+#   scripts/bench.sh --quick --configs semantic-cache-miss,semantic-cache-hit,semantic-cache-hit-semantic,rag
+#                 (issue 17's rows: they start a Chroma, .venv/bin/chroma, on 127.0.0.1 and stop it)
 # Options for the load (passed to bench/bench.py; `scripts/bench.sh --help` lists them):
 #   --configs a,b  --rounds N  --latency-seconds S  --throughput-seconds S  --connections 4,16,64
 #   --stream-requests N  --out FILE (default docs/benchmarks.md)  --json FILE  --workdir DIR

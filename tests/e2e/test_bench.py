@@ -135,6 +135,59 @@ def test_bench_bars_and_peer_rows_render():
     assert b.REASONS_HEADING not in report  # the reasons are in the Bars table, not repeated
 
 
+def _callout(p50: float, cpu_us: float, requests: int = 500, unexpected: int = 0, **extra) -> dict:
+    """One callout run (bench/wrk-callout.lua at c=1) as bench.py records it."""
+    return {"requests": requests, "duration_us": 1e6, "errors": unexpected, "errors_unexpected": unexpected,
+            "first_unexpected": "200 x-sluice-cache: miss" if unexpected else "", "lat_p50_us": p50,
+            "lat_p99_us": 2 * p50, "cpu_ns": int(cpu_us * 1000 * requests), "store_cpu_ns": 1000 * requests, **extra}
+
+
+def test_bench_cache_rows_render():
+    """The semantic-cache and rag rows (issue 17): their own table next to bare's provider call,
+    their .wasm sizes in the size table, a miss that was not stored or a hit that was not one is
+    MISSED, and they stay out of the latency table (their load is the callout runs only)."""
+    b = _bench_module()
+    a = b.parse_args(["--quick", "--connections", "4", "--out", "/dev/null"])
+    assert {"semantic-cache-miss", "semantic-cache-hit", "semantic-cache-hit-semantic", "rag"} <= set(a.configs)
+    assert a.callout and not b.parse_args(["--quick", "--configs", "bare"]).callout
+    wasm = {"wasm": ["target/wasm32-wasip1/release/sluice_semantic_cache.wasm"],
+            "wasm_kib": {"target/wasm32-wasip1/release/sluice_semantic_cache.wasm": 321.0}}
+    bare = _raw(300, 90, 70)
+    bare["rounds"][0]["callout"] = _callout(400, 100)
+    raw = {"bare": bare,
+           "semantic-cache-miss": {**_raw(0, 0, 80), **wasm, "rounds": [
+               {"round": 1, "callout": _callout(1800, 400, stored=480, stores_missing=20)}]},
+           "semantic-cache-hit": {**_raw(0, 0, 80), **wasm, "rounds": [{"round": 1, "callout": _callout(150, 40)}]},
+           "semantic-cache-hit-semantic": {**_raw(0, 0, 80), **wasm, "rounds": [
+               {"round": 1, "callout": _callout(1500, 300, unexpected=3)}]},
+           "rag": {**_raw(0, 0, 80), "wasm": ["target/wasm32-wasip1/release/sluice_rag.wasm"],
+                   "wasm_kib": {"target/wasm32-wasip1/release/sluice_rag.wasm": 250.0},
+                   "rounds": [{"round": 1, "callout": _callout(1600, 350, rag_added=500, rag_missing=0)}]}}
+    s = b.summarise(a, raw)
+    hit = s["semantic-cache-hit"]
+    assert hit["c1_p50"] == 150 and hit["add_c1_p50"] == -250 and round(hit["ratio_c1_cpu_us_per_req"], 2) == 0.4
+    assert round(s["semantic-cache-miss"]["ratio_c1_cpu_us_per_req"], 1) == 4.0
+    verdicts = {(n, c["target"].split(" (")[0]): c["verdict"] for n, r in s.items() for c in r["checks"]}
+    assert verdicts[("semantic-cache-miss", "every miss stored in Chroma")] == "MISSED"
+    assert verdicts[("semantic-cache-hit", "every request of the c=1 runs got a 200 with `x-sluice-cache: hit-exact`")] == "met"
+    assert verdicts[("semantic-cache-hit-semantic",
+                     "every request of the c=1 runs got a 200 with `x-sluice-cache: hit-semantic`")] == "MISSED"
+    assert verdicts[("rag", "every request got passages")] == "met"
+    assert verdicts[("semantic-cache-hit", "sluice_semantic_cache.wasm at most 450 KiB")] == "met"
+    report = b.render_report(a, {"nproc": 2, "cpu": "x", "mem_gib": 1, "kernel": "k", "envoy": "1.40.0",
+                                 "wrk": "wrk", "loadavg_start": "0 0 0", "commit": "c"}, s)
+    assert "## Semantic cache and RAG" in report
+    section = report.split("## Semantic cache and RAG", 1)[1].split("\n## ", 1)[0]
+    assert "| bare | ok | a provider call" in section and "| 400 | 800 | 100 |" in section
+    assert "| semantic-cache-hit | ok | an exact hit" in section and "150 (-250, 0.38×)" in section
+    assert "**20 not stored**" in section and "**3 errors or unexpected answers**" in section
+    latency = report.split("## Latency at concurrency 1", 1)[1].split("\n## ", 1)[0]
+    assert "| semantic-cache-miss |" not in latency and "| rag |" not in latency
+    cost = report.split("## Throughput, CPU, memory, size", 1)[1].split("\n## ", 1)[0]
+    assert re.search(r"^\| semantic-cache-miss \| ok \| - \| - \| see below \|.*\| 321 \|", cost, re.M), cost
+    assert re.search(r"^\| rag \| ok \|.*\| 250 \|", cost, re.M), cost
+
+
 def test_bench_peers_only_on_request():
     b = _bench_module()
     assert not set(b.PEER_NAMES) & set(b.parse_args(["--quick"]).configs)  # the smoke run stays short
