@@ -17,6 +17,8 @@
 //!
 //! [`CountingHost`] wraps a host and counts the calls that return a value, the expensive kind
 //! in V8 (≈ 2–3.5 µs each, see `docs/benchmarks.md`); tests hold each filter to a budget.
+//! It also records property (filter-state) writes: cheaper, but a composed request makes
+//! enough of them that the gateway keeps a budget for those too.
 
 use crate::errors::LocalReply;
 use crate::metrics::MetricKind;
@@ -510,12 +512,20 @@ pub struct CountingHost<H> {
     counts: Cell<[u32; 7]>,
     /// Property paths read, in order (to see what a budget overrun is made of).
     pub property_reads: std::cell::RefCell<Vec<String>>,
+    /// Property paths written (`set_property`, i.e. filter state), in order. Not part of
+    /// [`CountingHost::total`]: a write returns nothing.
+    pub property_writes: std::cell::RefCell<Vec<String>>,
 }
 
 impl<H> CountingHost<H> {
     /// Wrap `inner`.
     pub fn new(inner: H) -> Self {
-        Self { inner, counts: Cell::new([0; 7]), property_reads: std::cell::RefCell::new(Vec::new()) }
+        Self {
+            inner,
+            counts: Cell::new([0; 7]),
+            property_reads: std::cell::RefCell::new(Vec::new()),
+            property_writes: std::cell::RefCell::new(Vec::new()),
+        }
     }
 
     fn bump(&self, k: CallKind) {
@@ -536,10 +546,16 @@ impl<H> CountingHost<H> {
         self.counts.get().iter().sum()
     }
 
+    /// Property (filter-state) writes so far.
+    pub fn writes(&self) -> usize {
+        self.property_writes.borrow().len()
+    }
+
     /// Start counting again.
     pub fn reset(&self) {
         self.counts.set([0; 7]);
         self.property_reads.borrow_mut().clear();
+        self.property_writes.borrow_mut().clear();
     }
 }
 
@@ -591,6 +607,7 @@ impl<H: Host> Host for CountingHost<H> {
         self.inner.property(path)
     }
     fn set_property(&mut self, path: &[&str], value: &[u8]) {
+        self.property_writes.borrow_mut().push(path.join("."));
         self.inner.set_property(path, value);
     }
     fn now(&self) -> SystemTime {
@@ -774,9 +791,14 @@ mod tests {
         let _ = h.property(&["xds", "route_name"]);
         h.set_request_header("b", Some(b"2"));
         h.increment_metric(0, 1);
+        h.set_property(&["sluice.user"], b"alice");
         assert_eq!(h.count(CallKind::HeaderMap), 1);
         assert_eq!(h.count(CallKind::Property), 1);
-        assert_eq!(h.total(), 2);
+        assert_eq!(h.total(), 2, "a write returns nothing: not counted as a read");
         assert_eq!(h.property_reads.borrow().as_slice(), ["xds.route_name"]);
+        assert_eq!(h.writes(), 1);
+        assert_eq!(h.property_writes.borrow().as_slice(), ["sluice.user"]);
+        h.reset();
+        assert_eq!((h.total(), h.writes()), (0, 0));
     }
 }

@@ -59,4 +59,7 @@ pub fn assemble(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Ve
     Ok(with_hold(plugins, hold))
 }
 
+#[cfg(test)]
+mod tests;
+
 sluice_core::filter_main!(NAME, assemble);
