@@ -27,6 +27,7 @@ pub mod price;
 pub mod route;
 pub mod sse;
 pub mod stage;
+pub mod translate;
 pub mod usage;
 
 #[cfg(target_arch = "wasm32")]

@@ -1,6 +1,7 @@
 //! Plugin configuration, read with the one core reader (`sluice_core::config::Obj`).
 
 use sluice_core::config::{validate_env_var_name, validate_header_name, ConfigError, Obj};
+use sluice_core::translate::Dialect;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -41,6 +42,9 @@ pub const DEFAULT_CONTEXT_OVERFLOW_MARKERS: &[&str] = &[
     "exceeds the maximum number of tokens allowed",
     "input is too long",
 ];
+/// `max_tokens` sent to an endpoint whose API requires one (Anthropic) when the client's
+/// request sets no output cap and the profile sets no `max_tokens`.
+pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 /// Statuses whose body is checked for [`DEFAULT_CONTEXT_OVERFLOW_MARKERS`].
 pub const CONTEXT_OVERFLOW_STATUSES: &[u32] = &[400, 413, 422];
 /// Internal response header carrying the provider's original status to the downstream role.
@@ -120,6 +124,11 @@ pub struct ProviderProfile {
     pub auth: Option<AuthMode>,
     /// Client credential headers to remove (replaces the top-level list for this profile).
     pub client_credential_headers: Option<Vec<String>>,
+    /// The API the provider speaks (`openai`: whatever the client sent; `anthropic`: an
+    /// OpenAI chat request is translated to Messages and the answer back).
+    pub api: Option<Dialect>,
+    /// `max_tokens` for a translated request without an output cap.
+    pub max_tokens: Option<u64>,
 }
 
 /// The checked configuration.
@@ -215,6 +224,8 @@ fn provider(o: Obj<'_>) -> Result<ProviderProfile, ConfigError> {
         "credential_prefix",
         "auth",
         "client_credential_headers",
+        "api",
+        "max_tokens",
     ])?;
     let path = o.string("path")?;
     if let Some(p) = &path {
@@ -240,6 +251,14 @@ fn provider(o: Obj<'_>) -> Result<ProviderProfile, ConfigError> {
         Some(s) => AuthMode::parse(&s),
         None => None,
     };
+    let api = match o.choice("api", Dialect::NAMES)? {
+        Some(s) => Dialect::parse(&s),
+        None => None,
+    };
+    let max_tokens = match o.u64("max_tokens")? {
+        Some(0) => return Err(o.err("max_tokens", "must be greater than 0")),
+        n => n,
+    };
     Ok(ProviderProfile {
         path,
         authority,
@@ -248,6 +267,8 @@ fn provider(o: Obj<'_>) -> Result<ProviderProfile, ConfigError> {
         credential_prefix,
         auth,
         client_credential_headers: header_list(&o, "client_credential_headers")?,
+        api,
+        max_tokens,
     })
 }
 
@@ -381,6 +402,12 @@ mod tests {
         assert_eq!(c.providers["azure"].credential_header.as_deref(), Some("api-key"));
         assert_eq!(c.providers["local"].auth, Some(AuthMode::Passthrough));
         assert_eq!(c.providers["local"].client_credential_headers.as_deref(), Some(&["cookie".to_string()][..]));
+        let a = load(
+            br#"{"providers":{"claude":{"api":"anthropic","max_tokens":1024,"credential_env":"ANTHROPIC_API_KEY"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(a.providers["claude"].api, Some(Dialect::Anthropic));
+        assert_eq!(a.providers["claude"].max_tokens, Some(1024));
         assert_eq!(load(br#"{"role":"downstream"}"#).unwrap().role, Role::Downstream);
         assert_eq!(load(br#"{"role":"route_refresh"}"#).unwrap().role, Role::RouteRefresh);
         let c =
@@ -410,6 +437,9 @@ mod tests {
             (r#"{"providers":{"openai":{"credential_prefix":"Bearer \n"}}}"#, "providers.openai.credential_prefix"),
             (r#"{"providers":{"openai":{"key":"x"}}}"#, "providers.openai.key: unknown field `key`"),
             (r#"{"providers":{"openai":{"auth":"maybe"}}}"#, "providers.openai.auth"),
+            (r#"{"providers":{"a":{"api":"gemini"}}}"#, "providers.a.api"),
+            (r#"{"providers":{"a":{"max_tokens":0}}}"#, "providers.a.max_tokens: must be greater than 0"),
+            (r#"{"providers":{"a":{"max_tokens":"many"}}}"#, "providers.a.max_tokens"),
             (
                 r#"{"providers":{"o":{"client_credential_headers":["X-Key"]}}}"#,
                 "providers.o.client_credential_headers[0]",

@@ -38,6 +38,10 @@ pub mod metric {
     pub const COOLDOWN_OVERRIDE: &str = "sluice_failover_cooldown_override";
     /// Requests answered 429 because every cluster of the route was cooling (downstream role).
     pub const ALL_COOLING: &str = "sluice_failover_all_cooling";
+    /// Attempts whose request was translated to the provider's API, by provider and model.
+    pub const TRANSLATED: &str = "sluice_failover_translated";
+    /// Attempts refused because the provider's API cannot express the request.
+    pub const UNTRANSLATABLE: &str = "sluice_failover_untranslatable";
     /// Route caches cleared so the first attempt uses the group order (route_refresh role).
     pub const ROUTE_REFRESHED: &str = "sluice_failover_route_refreshed";
 }

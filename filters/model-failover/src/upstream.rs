@@ -21,7 +21,8 @@
 
 use crate::config::{
     validate_authority, validate_credential_header, validate_header_value, validate_path, AuthMode, Config,
-    ATTEMPT_COUNT_HEADER, CONTEXT_OVERFLOW_STATUSES, ORIGINAL_STATUS_HEADER, RETRY_MARKER_CONTEXT, RETRY_MARKER_HEADER,
+    ATTEMPT_COUNT_HEADER, CONTEXT_OVERFLOW_STATUSES, DEFAULT_MAX_TOKENS, ORIGINAL_STATUS_HEADER, RETRY_MARKER_CONTEXT,
+    RETRY_MARKER_HEADER,
 };
 use crate::cooldown;
 use crate::retry_after::{format_seconds, provider_wait};
@@ -32,12 +33,14 @@ use sluice_core::api;
 use sluice_core::config::validate_env_var_name;
 use sluice_core::encoding::metadata_namespace;
 use sluice_core::errors::LocalReply;
-use sluice_core::exchange::{BodyKind, BodyUse, Chunk, Exchange};
+use sluice_core::exchange::{BodyKind, BodyUse, Chunk, Event, Exchange, ResponseUse};
 use sluice_core::host::Host;
 use sluice_core::json::{lossy, JsonError};
 use sluice_core::keys;
 use sluice_core::metrics::Metrics;
+use sluice_core::sse::SseEvent;
 use sluice_core::stage::{Flow, Stage};
+use sluice_core::translate::{self, Dialect, RequestOptions, ResponseContext, StreamOut, StreamTranslate, Translator};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -67,6 +70,10 @@ pub struct Endpoint {
     pub credential: Option<(String, String)>,
     /// The endpoint asked for a credential (`credential_env`) that is unavailable.
     pub credential_missing: bool,
+    /// The API the provider speaks (metadata or profile `api`).
+    pub api: Dialect,
+    /// `max_tokens` for a translated request without an output cap.
+    pub max_tokens: u64,
 }
 
 /// A `sluice` metadata string of the endpoint, else of its cluster (non-empty, trimmed).
@@ -102,11 +109,19 @@ pub fn resolve(
             }
         })
     };
+    let api = match m("api") {
+        Some(v) => Dialect::parse(&v).unwrap_or_else(|| {
+            log::warn!("{NAME}: provider {provider}: ignoring metadata api={v:?}: expected one of openai, anthropic");
+            base.api.unwrap_or_default()
+        }),
+        None => base.api.unwrap_or_default(),
+    };
+    let translator = translate::translator(api::Api::Chat, api);
     let path = checked("path", m("path"), validate_path).or(base.path);
     let authority = checked("authority", m("authority"), validate_authority).or(base.authority);
     let header = checked("credential_header", m("credential_header"), validate_credential_header)
         .or(base.credential_header)
-        .unwrap_or_else(|| "authorization".to_string());
+        .unwrap_or_else(|| translator.map_or("authorization", |t| t.credential.0).to_string());
     let auth = match m("auth") {
         Some(v) => AuthMode::parse(&v).unwrap_or_else(|| {
             log::warn!("{NAME}: endpoint metadata sluice.auth={v:?} is not provider|passthrough; using provider");
@@ -121,7 +136,8 @@ pub fn resolve(
             remove.push(h.to_string());
         }
     };
-    let mut ep = Endpoint { provider, model: m("model"), path, authority, ..Endpoint::default() };
+    let max_tokens = base.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    let mut ep = Endpoint { provider, model: m("model"), path, authority, api, max_tokens, ..Endpoint::default() };
     match auth {
         AuthMode::Passthrough => {
             // The client's credential for this provider stays; every other one goes.
@@ -251,6 +267,14 @@ pub struct UpstreamStage {
     decided: bool,
     checking_overflow: bool,
     counted_too_large: bool,
+    /// This attempt's provider speaks another API: the translation table row.
+    translator: Option<&'static Translator>,
+    /// What the answer's translation needs (set once the request was translated).
+    answer: Option<ResponseContext>,
+    /// A translated SSE answer.
+    stream: Option<Box<dyn StreamTranslate>>,
+    /// A translated JSON answer (buffered to its end).
+    translate_json: bool,
 }
 
 impl UpstreamStage {
@@ -265,6 +289,10 @@ impl UpstreamStage {
             decided: false,
             checking_overflow: false,
             counted_too_large: false,
+            translator: None,
+            answer: None,
+            stream: None,
+            translate_json: false,
         }
     }
 
@@ -327,6 +355,74 @@ impl UpstreamStage {
         }
     }
 
+    /// A held error answer: mark a context-window overflow retriable.
+    fn check_overflow(&mut self, x: &mut Exchange, h: &mut dyn Host, c: &Chunk) {
+        if !self.checking_overflow || !c.end {
+            return;
+        }
+        self.checking_overflow = false;
+        if x.response_headers_held() && is_context_overflow(&c.bytes, &self.shared.config.context_overflow_markers) {
+            log::info!(
+                "{NAME}: provider {} (cluster {}) answered {}: the prompt exceeds the model's context window; marked retriable",
+                self.provider(),
+                self.cluster,
+                x.response.status
+            );
+            h.set_response_header(RETRY_MARKER_HEADER, Some(RETRY_MARKER_CONTEXT.as_bytes()));
+            self.count(h, metric::CONTEXT_OVERFLOW, &[]);
+        }
+    }
+
+    /// The client's chat request → the provider's API (its model already rewritten). A
+    /// request the provider's API cannot express is refused with 400 naming what.
+    fn translate_request(&mut self, t: &'static Translator, x: &mut Exchange, h: &mut dyn Host) -> Flow {
+        let created = h.now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let Some(body) = x.request.json() else { return Flow::Continue };
+        let opts =
+            RequestOptions { default_max_tokens: self.endpoint.as_ref().map_or(DEFAULT_MAX_TOKENS, |e| e.max_tokens) };
+        let ctx = ResponseContext::of(body, created);
+        match (t.request)(body, &opts) {
+            Ok(new) => {
+                if let Some(v) = x.request.json_mut() {
+                    *v = new;
+                }
+                // The wire now speaks the provider's API: usage tracking reads its answer so.
+                x.request.api = t.dialect_api();
+                self.answer = Some(ctx);
+                self.count(h, metric::TRANSLATED, &[]);
+                Flow::Continue
+            }
+            Err(e) => {
+                log::info!(
+                    "{NAME}: provider {} speaks {}: cannot translate the request: {}",
+                    self.provider(),
+                    t.dialect.name(),
+                    e.0
+                );
+                self.count(h, metric::UNTRANSLATABLE, &[]);
+                Flow::Reply(LocalReply::openai_error(
+                    400,
+                    "invalid_request_error",
+                    "untranslatable_request",
+                    &format!("{NAME}: provider {} speaks the {} API: {}", self.provider(), t.dialect.name(), e.0),
+                ))
+            }
+        }
+    }
+
+    /// A whole JSON answer (or error) of the provider's API → the OpenAI chat form.
+    fn translate_answer(&mut self, x: &mut Exchange) {
+        let (Some(t), Some(ctx)) = (self.translator, self.answer.as_ref()) else { return };
+        let ok = x.response.ok();
+        let Some(body) = x.response.json() else { return };
+        let new = if ok { Some((t.response)(body, ctx)) } else { (t.error)(body) };
+        if let Some(new) = new {
+            if let Some(v) = x.response.json_mut() {
+                *v = new;
+            }
+        }
+    }
+
     /// Whether a provider error should be held and read for a context-window overflow.
     fn may_be_overflow(&self, x: &Exchange) -> bool {
         let small = x
@@ -341,6 +437,28 @@ impl UpstreamStage {
             && !x.response.encoded
             && small
     }
+}
+
+/// Replace a chunk's provider events by their translation (`[DONE]` and non-JSON events of
+/// the provider are dropped: the translator emits the client's own end).
+fn translate_events(stream: &mut dyn StreamTranslate, c: &mut Chunk) {
+    let mut out = Vec::with_capacity(c.events.len());
+    for ev in c.events.drain(..) {
+        if let Some(data) = ev.json.as_ref() {
+            out.extend(stream.event(ev.sse.event.as_deref(), data));
+        }
+    }
+    if c.end {
+        out.extend(stream.finish());
+    }
+    c.events = out
+        .into_iter()
+        .map(|o| match o {
+            StreamOut::Data(v) => Event::from_json(None, v),
+            StreamOut::Done => Event::new(SseEvent::data_event("[DONE]")),
+        })
+        .collect();
+    c.events_changed = true;
 }
 
 /// Whether an error body says the prompt exceeds the model's context window.
@@ -388,8 +506,16 @@ impl Stage for UpstreamStage {
         }
         self.target = model_for_attempt(config, attempt, ep.model.clone());
 
-        if let Some(p) = &ep.path {
+        self.translator = translate::translator(x.request.api, ep.api);
+        if let Some(p) = ep.path.as_deref().or(self.translator.map(|t| t.path)) {
             x.set_request_header(h, ":path", Some(p.as_bytes()));
+        }
+        if let Some(t) = self.translator {
+            for (name, value) in t.headers {
+                x.set_request_header(h, name, Some(value.as_bytes()));
+            }
+            // Read the answer to translate it back; ask for an uncompressed one.
+            x.want_response(ResponseUse::Track);
         }
         if let Some(a) = &ep.authority {
             x.set_request_header(h, ":authority", Some(a.as_bytes()));
@@ -423,7 +549,8 @@ impl Stage for UpstreamStage {
                 self.count(h, metric::BODY_TOO_LARGE, &[]);
             }
             self.wanted_body = true;
-            x.want_body(if self.target.is_some() { BodyUse::Modify } else { BodyUse::Json });
+            let modify = self.target.is_some() || self.translator.is_some();
+            x.want_body(if modify { BodyUse::Modify } else { BodyUse::Json });
         }
         Flow::Continue
     }
@@ -457,7 +584,10 @@ impl Stage for UpstreamStage {
                 }
             }
         }
-        Flow::Continue
+        match self.translator {
+            Some(t) => self.translate_request(t, x, h),
+            None => Flow::Continue,
+        }
     }
 
     fn on_response_headers(&mut self, x: &mut Exchange, h: &mut dyn Host) -> Flow {
@@ -479,23 +609,29 @@ impl Stage for UpstreamStage {
             self.checking_overflow = true;
             x.hold_response_headers();
         }
+        if let (Some(t), Some(ctx)) = (self.translator, self.answer.as_ref()) {
+            match x.response.kind {
+                BodyKind::Sse => {
+                    self.stream = Some((t.stream)(ctx.clone()));
+                    x.want_response(ResponseUse::Modify);
+                }
+                BodyKind::Json if !x.response.encoded => {
+                    self.translate_json = true;
+                    x.want_response(ResponseUse::Buffer);
+                }
+                _ => {}
+            }
+        }
         Flow::Continue
     }
 
     fn on_response_body(&mut self, x: &mut Exchange, h: &mut dyn Host, c: &mut Chunk) -> Flow {
-        if !self.checking_overflow || !c.end {
-            return Flow::Continue;
-        }
-        self.checking_overflow = false;
-        if x.response_headers_held() && is_context_overflow(&c.bytes, &self.shared.config.context_overflow_markers) {
-            log::info!(
-                "{NAME}: provider {} (cluster {}) answered {}: the prompt exceeds the model's context window; marked retriable",
-                self.provider(),
-                self.cluster,
-                x.response.status
-            );
-            h.set_response_header(RETRY_MARKER_HEADER, Some(RETRY_MARKER_CONTEXT.as_bytes()));
-            self.count(h, metric::CONTEXT_OVERFLOW, &[]);
+        self.check_overflow(x, h, c);
+        if let Some(stream) = self.stream.as_mut() {
+            translate_events(stream.as_mut(), c);
+        } else if self.translate_json && c.end {
+            self.translate_json = false;
+            self.translate_answer(x);
         }
         Flow::Continue
     }

@@ -571,3 +571,163 @@ fn endpoints_sharing_an_address_keep_their_own_metadata() {
         assert_eq!(body_json(&h)["model"], model);
     }
 }
+
+const ANTHROPIC_CFG: &str =
+    r#"{"providers":{"claude":{"api":"anthropic","credential_env":"ANTHROPIC_KEY","max_tokens":333}}}"#;
+
+/// A chat attempt that lands on an Anthropic endpoint; returns the pipeline mid-exchange.
+fn anthropic_attempt(p: &dyn Plugin, body: &str) -> (Pipeline, FakeHost) {
+    let mut pl = pipeline(p);
+    let cl = body.len().to_string();
+    let mut h = host(
+        &[(":path", "/v1/chat/completions"), ("content-length", &cl), ("authorization", "Bearer client")],
+        json!({"provider": "claude", "model": "claude-sonnet-4"}),
+        json!({}),
+    );
+    h.env.insert("ANTHROPIC_KEY".into(), "sk-ant".into());
+    assert_eq!(run_on(&mut pl, &mut h, body), (Act::Pause, Act::Continue));
+    (pl, h)
+}
+
+/// The answer: headers, then each body chunk (the last ends the stream).
+fn answer(pl: &mut Pipeline, h: &mut FakeHost, status: &str, ctype: &str, chunks: &[&str]) -> Vec<u8> {
+    h.req_headers_sent = true;
+    h.phase = Phase::ResponseHeaders;
+    h.resp_headers =
+        vec![(":status".into(), status.as_bytes().to_vec()), ("content-type".into(), ctype.as_bytes().to_vec())];
+    pl.on_response_headers(h, false);
+    h.phase = Phase::ResponseBody;
+    let mut out = Vec::new();
+    let mut buffered = Vec::new();
+    for (i, c) in chunks.iter().enumerate() {
+        let end = i + 1 == chunks.len();
+        buffered.extend_from_slice(c.as_bytes());
+        h.resp_body = buffered.clone();
+        if pl.on_response_body(h, buffered.len(), end) == Act::Continue {
+            out.extend_from_slice(&h.resp_body);
+            buffered.clear();
+        }
+    }
+    out
+}
+
+const CHAT: &str = r#"{"model":"gpt-4o","max_tokens":50,"stream_options":{"include_usage":true},"messages":[{"role":"system","content":"Be brief."},{"role":"user","content":"hi"}],"tools":[{"type":"function","function":{"name":"lookup","parameters":{"type":"object"}}}]}"#;
+
+#[test]
+fn a_chat_attempt_on_an_anthropic_endpoint_is_translated() {
+    let p = plugin(ANTHROPIC_CFG);
+    let (_, h) = anthropic_attempt(p.as_ref(), CHAT);
+    assert_eq!(h.req_header(":path").as_deref(), Some("/v1/messages"));
+    assert_eq!(h.req_header("anthropic-version").as_deref(), Some("2023-06-01"));
+    assert_eq!(h.req_header("x-api-key").as_deref(), Some("sk-ant"));
+    assert_eq!(h.req_header("authorization"), None, "the client's credential never reaches the provider");
+    assert_eq!(h.req_header("accept-encoding"), None);
+    assert_eq!(h.req_header("content-length"), Some(h.req_body.len().to_string()));
+    let v = body_json(&h);
+    assert_eq!(v["model"], "claude-sonnet-4");
+    assert_eq!(v["max_tokens"], 50);
+    assert_eq!(v["system"][0]["text"], "Be brief.");
+    assert_eq!(v["messages"], json!([{"role": "user", "content": [{"type": "text", "text": "hi"}]}]));
+    assert_eq!(v["tools"][0]["input_schema"], json!({"type": "object"}));
+    assert!(v.get("stream_options").is_none());
+    assert_eq!(total(&h, metric::TRANSLATED), 1);
+    let (_, h) = anthropic_attempt(p.as_ref(), r#"{"messages":[{"role":"user","content":"x"}]}"#);
+    assert_eq!(body_json(&h)["max_tokens"], 333, "the profile's max_tokens when the client set no cap");
+}
+
+#[test]
+fn metadata_api_and_native_messages_requests() {
+    let p = plugin("{}");
+    // Endpoint metadata alone says anthropic.
+    let mut h = host(&[(":path", "/v1/chat/completions")], json!({"api": "anthropic", "model": "c"}), json!({}));
+    run(p.as_ref(), &mut h, r#"{"messages":[{"role":"user","content":"x"}]}"#);
+    assert_eq!(h.req_header(":path").as_deref(), Some("/v1/messages"));
+    assert_eq!(body_json(&h)["max_tokens"], crate::config::DEFAULT_MAX_TOKENS);
+    // A native Messages request to an Anthropic endpoint is not translated.
+    let body = r#"{"model":"c","max_tokens":5,"messages":[{"role":"user","content":"x"}]}"#;
+    let mut h = host(&[(":path", "/v1/messages")], json!({"api": "anthropic", "model": "c"}), json!({}));
+    run(p.as_ref(), &mut h, body);
+    assert_eq!(h.req_body, body.as_bytes());
+    assert_eq!(h.req_header(":path").as_deref(), Some("/v1/messages"));
+    // Unknown metadata: ignored (no translation).
+    let mut h = host(&[(":path", "/v1/chat/completions")], json!({"api": "gemini", "model": "c"}), json!({}));
+    run(p.as_ref(), &mut h, r#"{"messages":[]}"#);
+    assert!(body_json(&h).get("max_tokens").is_none());
+}
+
+#[test]
+fn an_untranslatable_request_is_refused_with_400() {
+    let p = plugin(ANTHROPIC_CFG);
+    let mut pl = pipeline(p.as_ref());
+    let body = r#"{"n":3,"messages":[{"role":"user","content":"x"}]}"#;
+    let mut h = host(&[(":path", "/v1/chat/completions")], json!({"provider": "claude"}), json!({}));
+    let (_, b) = run_on(&mut pl, &mut h, body);
+    assert_eq!(b, Act::Pause);
+    assert_eq!(h.replies.len(), 1);
+    assert_eq!(h.replies[0].status, 400);
+    let e: Value = serde_json::from_slice(&h.replies[0].body).unwrap();
+    assert_eq!(e["error"]["code"], "untranslatable_request");
+    assert!(e["error"]["message"].as_str().unwrap().contains("n > 1"));
+}
+
+#[test]
+fn json_answers_and_errors_are_translated_back() {
+    let p = plugin(ANTHROPIC_CFG);
+    let (mut pl, mut h) = anthropic_attempt(p.as_ref(), CHAT);
+    let msg = r#"{"id":"msg_1","type":"message","role":"assistant","model":"claude-sonnet-4","content":[{"type":"text","text":"Hi"},{"type":"tool_use","id":"toolu_1","name":"lookup","input":{"q":1}}],"stop_reason":"tool_use","usage":{"input_tokens":7,"output_tokens":3,"cache_read_input_tokens":2}}"#;
+    let (a, b) = msg.split_at(40);
+    let out: Value = serde_json::from_slice(&answer(&mut pl, &mut h, "200", "application/json", &[a, b])).unwrap();
+    assert_eq!(out["object"], "chat.completion");
+    assert_eq!(out["choices"][0]["message"]["content"], "Hi");
+    assert_eq!(out["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"], r#"{"q":1}"#);
+    assert_eq!(out["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(out["usage"]["prompt_tokens"], 9);
+    assert_eq!(h.resp_header("content-length"), None);
+    assert_eq!(h.state(keys::USAGE).as_deref(), Some("9,3,12,2,0,0,0,0,0"));
+
+    let (mut pl, mut h) = anthropic_attempt(p.as_ref(), CHAT);
+    let err = r#"{"type":"error","error":{"type":"overloaded_error","message":"busy"}}"#;
+    let out: Value = serde_json::from_slice(&answer(&mut pl, &mut h, "529", "application/json", &[err])).unwrap();
+    assert_eq!(
+        out,
+        json!({"error": {"message": "busy", "type": "overloaded_error", "param": null, "code": "overloaded_error"}})
+    );
+}
+
+#[test]
+fn sse_answers_are_translated_event_by_event_across_chunks() {
+    let p = plugin(ANTHROPIC_CFG);
+    let (mut pl, mut h) =
+        anthropic_attempt(p.as_ref(), &CHAT.replace("\"max_tokens\":50", "\"max_tokens\":50,\"stream\":true"));
+    assert_eq!(body_json(&h)["stream"], true);
+    let events = [
+        r#"{"type":"message_start","message":{"id":"msg_2","model":"claude-sonnet-4","usage":{"input_tokens":11,"output_tokens":1}}}"#,
+        r#"{"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}}"#,
+        r#"{"type":"ping"}"#,
+        r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hel"}}"#,
+        r#"{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"lo"}}"#,
+        r#"{"type":"content_block_stop","index":0}"#,
+        r#"{"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":4}}"#,
+        r#"{"type":"message_stop"}"#,
+    ];
+    let wire: String = events
+        .iter()
+        .map(|e| {
+            let kind: Value = serde_json::from_str(e).unwrap();
+            format!("event: {}\ndata: {e}\n\n", kind["type"].as_str().unwrap())
+        })
+        .collect();
+    // Network chunks that split events anywhere.
+    let pieces: Vec<&str> = vec![&wire[..17], &wire[17..200], &wire[200..]];
+    let out = String::from_utf8(answer(&mut pl, &mut h, "200", "text/event-stream", &pieces)).unwrap();
+    assert!(!out.contains("event:"), "{out}");
+    let datas: Vec<&str> = out.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).collect();
+    assert_eq!(datas.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> =
+        datas.iter().filter(|d| **d != "[DONE]").map(|d| serde_json::from_str(d).unwrap()).collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, "Hello");
+    assert_eq!(chunks.last().unwrap()["usage"]["prompt_tokens"], 11);
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 4);
+    assert_eq!(h.state(keys::USAGE).as_deref(), Some("11,4,15,0,0,0,0,0,0"), "usage read as Messages");
+}

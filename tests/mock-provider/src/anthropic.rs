@@ -344,14 +344,30 @@ fn message_object(reply: &Reply, content: Value, stop_reason: Value, usage: Opti
     Value::Object(obj)
 }
 
-/// Non-streaming message body.
+/// Id of the mock's `tool_use` block (`x-mock-tool-args`).
+pub const TOOL_USE_ID: &str = "toolu_mock_1";
+
+/// The `tool_use` input for `x-mock-tool-args` (its JSON object, else `{}`).
+fn tool_input(arguments: &str) -> Value {
+    serde_json::from_str::<Value>(arguments).ok().filter(Value::is_object).unwrap_or_else(|| json!({}))
+}
+
+fn stop_reason(reply: &Reply) -> &'static str {
+    if reply.extras.tool_args.is_some() {
+        "tool_use"
+    } else {
+        "end_turn"
+    }
+}
+
+/// Non-streaming message body (with `x-mock-tool-args`, a `lookup` tool_use block after
+/// the text and `stop_reason: "tool_use"`).
 pub fn message_body(reply: &Reply) -> Value {
-    message_object(
-        reply,
-        json!([{"type": "text", "text": reply.text}]),
-        json!("end_turn"),
-        usage_json(reply.usage, None),
-    )
+    let mut content = vec![json!({"type": "text", "text": reply.text})];
+    if let Some(arguments) = &reply.extras.tool_args {
+        content.push(json!({"type": "tool_use", "id": TOOL_USE_ID, "name": "lookup", "input": tool_input(arguments)}));
+    }
+    message_object(reply, Value::Array(content), json!(stop_reason(reply)), usage_json(reply.usage, None))
 }
 
 /// `count_tokens` body.
@@ -380,9 +396,21 @@ pub fn stream_events(reply: &Reply, pieces: usize) -> Vec<String> {
         })));
     }
     events.push(event(&json!({"type": "content_block_stop", "index": 0})));
+    if let Some(arguments) = &reply.extras.tool_args {
+        events.push(event(&json!({"type": "content_block_start", "index": 1,
+            "content_block": {"type": "tool_use", "id": TOOL_USE_ID, "name": "lookup", "input": {}}})));
+        // The input as JSON text, in pieces (the real API streams `partial_json`).
+        let text = tool_input(arguments).to_string();
+        for piece in split_text(&text, pieces) {
+            events.push(event(&json!({
+                "type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": piece}
+            })));
+        }
+        events.push(event(&json!({"type": "content_block_stop", "index": 1})));
+    }
     let mut delta = Map::new();
     delta.insert("type".into(), json!("message_delta"));
-    delta.insert("delta".into(), json!({"stop_reason": "end_turn", "stop_sequence": null}));
+    delta.insert("delta".into(), json!({"stop_reason": stop_reason(reply), "stop_sequence": null}));
     match reply.usage {
         UsageReport::Omitted => {}
         UsageReport::Garbage => {
@@ -526,6 +554,27 @@ mod tests {
         });
         assert_eq!(prompt_bytes(&body), 3 + 6 + 2);
         assert_eq!(prompt_bytes(&json!({"system": "abcd", "messages": []})), 4);
+    }
+
+    #[test]
+    fn tool_use_blocks() {
+        let mut r = reply(UsageReport::Omitted);
+        r.extras.tool_args = Some(r#"{"q":"x"}"#.into());
+        let body = message_body(&r);
+        assert_eq!(body["stop_reason"], "tool_use");
+        assert_eq!(
+            body["content"][1],
+            json!({"type": "tool_use", "id": TOOL_USE_ID, "name": "lookup", "input": {"q": "x"}})
+        );
+        let events = stream_events(&r, 2).concat();
+        assert!(events.contains("input_json_delta") && events.contains(r#""stop_reason":"tool_use""#), "{events}");
+        let args: String = events
+            .split("\n\n")
+            .filter_map(|e| e.split("data: ").nth(1))
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|v| v.pointer("/delta/partial_json").and_then(Value::as_str).map(str::to_string))
+            .collect();
+        assert_eq!(serde_json::from_str::<Value>(&args).unwrap(), json!({"q": "x"}));
     }
 
     #[test]

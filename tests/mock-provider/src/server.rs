@@ -447,6 +447,7 @@ impl<'a> Ctx<'a> {
                 logprobs: chat.logprobs,
             },
             Endpoint::Completions => Extras { logprobs: chat.logprobs, ..Extras::default() },
+            Endpoint::Messages => Extras { tool_args: header_text("x-mock-tool-args"), ..Extras::default() },
             _ => Extras::default(),
         };
         let prompt = settings.prompt_tokens.unwrap_or_else(|| provider::prompt_tokens(prompt_bytes));
@@ -456,7 +457,7 @@ impl<'a> Ctx<'a> {
             UsageReport::Garbage
         } else {
             let words = match endpoint {
-                Endpoint::Chat => extras.output_words(&text),
+                Endpoint::Chat | Endpoint::Messages => extras.output_words(&text),
                 Endpoint::Embeddings | Endpoint::CountTokens => 0,
                 _ => provider::completion_tokens(&text),
             };
@@ -555,6 +556,10 @@ impl<'a> Ctx<'a> {
     fn validate(&self, parsed: &Result<Value, serde_json::Error>) -> Option<(u16, Value)> {
         let anthropic = self.endpoint.anthropic();
         if anthropic {
+            let key = self.req.head.header("x-api-key").map(str::trim).filter(|k| !k.is_empty());
+            if self.settings.require_api_key && key.is_none() {
+                return Some((401, anthropic::error_body("authentication_error", "x-api-key header is required")));
+            }
             if let Err(message) = anthropic::check_version(self.req.head.header("anthropic-version")) {
                 return Some((400, anthropic::invalid_request(&message)));
             }

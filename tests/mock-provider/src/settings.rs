@@ -18,7 +18,7 @@ usage: sluice-mock-provider [--host 127.0.0.1] [--port N] [--name NAME] [--model
          [--split-writes] [--no-usage] [--malformed-usage]
          [--completion-words N] [--embedding-dim N] [--context-window N]
          [--rate-stall PCT] [--stall-timeout-ms N] [--cached-tokens N] [--reasoning-tokens N]
-         [--response-trailers]
+         [--response-trailers] [--require-api-key]
 Flags take `--flag VALUE` or `--flag=VALUE`; boolean flags also accept `=true|false`.
 Prints `LISTENING <addr>:<port>` on stdout once bound. See README.md.";
 
@@ -58,6 +58,8 @@ pub struct Settings {
     pub cached_tokens: Option<u64>,
     pub reasoning_tokens: Option<u64>,
     pub response_trailers: bool,
+    /// `/messages` and count_tokens answer 401 without an `x-api-key` header.
+    pub require_api_key: bool,
 }
 
 impl Default for Settings {
@@ -92,12 +94,13 @@ impl Default for Settings {
             cached_tokens: None,
             reasoning_tokens: None,
             response_trailers: false,
+            require_api_key: false,
         }
     }
 }
 
 /// Every settable key (the `--flag-name` with `-` replaced by `_`).
-pub const KEYS: [&str; 29] = [
+pub const KEYS: [&str; 30] = [
     "name",
     "model",
     "models",
@@ -127,10 +130,11 @@ pub const KEYS: [&str; 29] = [
     "cached_tokens",
     "reasoning_tokens",
     "response_trailers",
+    "require_api_key",
 ];
 
 /// Keys that are booleans (flags without a value on the command line).
-const BOOL_KEYS: [&str; 4] = ["split_writes", "no_usage", "malformed_usage", "response_trailers"];
+const BOOL_KEYS: [&str; 5] = ["split_writes", "no_usage", "malformed_usage", "response_trailers", "require_api_key"];
 
 /// A setting value, from the command line or from JSON.
 #[derive(Clone, Copy)]
@@ -276,6 +280,7 @@ impl Settings {
             "cached_tokens" => self.cached_tokens = value.opt_uint()?,
             "reasoning_tokens" => self.reasoning_tokens = value.opt_uint()?,
             "response_trailers" => self.response_trailers = value.flag()?,
+            "require_api_key" => self.require_api_key = value.flag()?,
             _ => return Err(format!("unknown setting `{key}`")),
         }
         Ok(())
