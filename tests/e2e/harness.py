@@ -369,6 +369,20 @@ def render_config(text: str, port_map: dict[int, int], access_log: str | None = 
     return text
 
 
+def config_variant(workdir: Path, config: Path, replace: dict[str, str] | None) -> Path:
+    """`config` with each key of `replace` (which must occur) replaced by its value, written to
+    `workdir`; `config` itself when there is nothing to replace."""
+    if not replace:
+        return config
+    text = config.read_text()
+    for a, b in replace.items():
+        assert a in text, a
+        text = text.replace(a, b)
+    variant = workdir / "envoy-variant.yaml"
+    variant.write_text(text)
+    return variant
+
+
 def config_ports(text: str) -> set[int]:
     ports = {int(p) for p in re.findall(r"port_value:\s*(\d+)", text)}
     ports |= {int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", text)}

@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from h2client import h2_request
-from harness import ROOT, WASM_DIR, Gateway, JwksServer, free_port, wait_for
+from harness import ROOT, WASM_DIR, Gateway, JwksServer, config_variant, free_port, wait_for
 
 CONFIG = ROOT / "examples/semantic-cache/envoy.yaml"
 ANSWER = "Paris is the capital of France."
@@ -53,14 +53,7 @@ class CacheGateway:
     def __init__(self, workdir: Path, chroma, *, replace: dict[str, str] | None = None, embeddings: bool = True,
                  store: bool = True):
         self.jwks = JwksServer.with_key(workdir / "keys", "sluice-demo")
-        config = CONFIG
-        if replace:
-            text = CONFIG.read_text()
-            for a, b in replace.items():
-                assert a in text, a
-                text = text.replace(a, b)
-            config = workdir / "envoy-variant.yaml"
-            config.write_text(text)
+        config = config_variant(workdir, CONFIG, replace)
         self.chroma = chroma() if store else None
         mocks = {18001: {"name": "openai", "model": "gpt-4o-mini", "response_text": ANSWER}}
         if embeddings:
