@@ -632,9 +632,9 @@ class PeerGateway(Gateway):
     def start(self) -> None:
         if self.status != "ok":
             return
-        self.proc = subprocess.Popen(self.cmd, cwd=self.log_path.parent, stdin=subprocess.DEVNULL,
-                                     stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=self.env)
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.cmd, cwd=self.log_path.parent, stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
 
     def wait_ready(self, timeout: float = PEER_START_TIMEOUT) -> None:
         """Ready = its health endpoint answers, then its process tree goes quiet (every worker

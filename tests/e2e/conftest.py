@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import WORK, Chroma, Gateway, Mock, clean_workdir  # noqa: E402
+from harness import WORK, Chroma, Gateway, JwksServer, Mock, clean_workdir  # noqa: E402
 
 
 @pytest.hookimpl(hookwrapper=True, tryfirst=True)
@@ -104,3 +104,18 @@ def chroma(workdir):
     yield start
     for c in started:
         c.stop()
+
+
+@pytest.fixture
+def jwks_servers():
+    """`jwks_servers(jwks, port=None, start=True)` starts a JwksServer; all are stopped after."""
+    started: list[JwksServer] = []
+
+    def make(jwks: dict, **kw) -> JwksServer:
+        s = JwksServer(jwks, **kw)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        s.stop()

@@ -9,11 +9,15 @@ The harness renders a config by giving every such port a free one on 127.0.0.1 (
 upstream port with no mock behind it stays closed: connection refused, i.e. an invalid
 host) and by making `target/...` wasm paths absolute.
 
-One line starts a gateway in a test:
-    gw = start_gateway("examples/traffic-shift/envoy.yaml", mocks={18001: {"model": "a"}})
+One line starts a gateway in a test (the `gateway` fixture of conftest.py stops it after):
+    gw = gateway("examples/traffic-shift/envoy.yaml", mocks={18001: {"model": "a"}})
+JWKS endpoints for auth come from `JwksServer` (the `jwks_servers` fixture stops them).
 """
 from __future__ import annotations
 
+import http.server
+import importlib.machinery
+import importlib.util
 import json
 import os
 import re
@@ -88,6 +92,82 @@ def free_port() -> int:
     raise RuntimeError(f"no free port in {_BLOCK}")
 
 
+def _load_mint():
+    """scripts/mint-jwt as a module (keygen, mint): the one way tests make keys and tokens."""
+    loader = importlib.machinery.SourceFileLoader("mint_jwt", str(ROOT / "scripts" / "mint-jwt"))
+    spec = importlib.util.spec_from_loader("mint_jwt", loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+MINT = _load_mint()
+
+
+class _ReusableHTTPServer(http.server.ThreadingHTTPServer):
+    # A stopped server's port can be bound again at once (stop/start simulates an outage).
+    allow_reuse_address = True
+    daemon_threads = True
+
+
+class JwksServer:
+    """A JWKS endpoint on 127.0.0.1 (a thread) that answers every GET with `jwks`; `jwks` can
+    change while it runs; stop/start on the same port simulate an identity-provider outage;
+    `delay` (seconds) holds each answer, so a test can act while a fetch is still out; `hits`
+    counts the fetches. `JwksServer.with_key(dir)` also makes the signing key (scripts/mint-jwt)
+    and mints tokens with it (`token`)."""
+
+    def __init__(self, jwks: dict, port: int | None = None, start: bool = True):
+        self.jwks = jwks
+        self.port = port or free_port()
+        self.hits = 0
+        self.delay = 0.0
+        self.key: Path | None = None
+        self.kid: str | None = None
+        self.httpd: http.server.ThreadingHTTPServer | None = None
+        if start:
+            self.start()
+
+    @classmethod
+    def with_key(cls, directory: Path, kid: str = "sluice-demo", alg: str = "RS256") -> JwksServer:
+        server = cls(MINT.keygen(directory, kid, alg))
+        server.key, server.kid = directory / "private.pem", kid
+        return server
+
+    def token(self, sub: str, team: str | None = None, claims: dict | None = None, llms: dict | None = None,
+              **kw) -> str:
+        """A token signed with this server's key (`with_key`); `kw` as scripts/mint-jwt's mint()."""
+        assert self.key is not None, "JwksServer.token needs a server made by JwksServer.with_key"
+        return MINT.mint(self.key, sub, team, claims, llms, kid=kw.pop("kid", self.kid), **kw)
+
+    def start(self) -> None:
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                outer.hits += 1
+                if outer.delay:
+                    time.sleep(outer.delay)
+                body = json.dumps(outer.jwks).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = _ReusableHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.httpd:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.httpd = None
+
+
 class GiveUp(Exception):
     """Raised by a wait_for predicate when waiting longer cannot help (the process died)."""
 
@@ -141,9 +221,9 @@ class Mock:
                 continue
             else:
                 args += [flag, str(v)]
-        self.proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=open(self.stderr_path, "wb"), text=True, start_new_session=True
-        )
+        # The child keeps its own copy of the log's descriptor; ours is closed at once.
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
         line = self._read_line(10.0)
         m = re.match(r"LISTENING 127\.0\.0\.1:(\d+)", line or "")
         if not m:
@@ -269,11 +349,11 @@ class Chroma:
         self.log_path = workdir / f"chroma-{self.port}.log"
         self.base = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, ANONYMIZED_TELEMETRY="False", NO_COLOR="1")
-        self.proc = subprocess.Popen(
-            [str(CHROMA), "run", "--path", str(self.path), "--host", "127.0.0.1", "--port", str(self.port)],
-            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True,
-        )
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(
+                [str(CHROMA), "run", "--path", str(self.path), "--host", "127.0.0.1", "--port", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            )
         try:
             wait_for(self._heartbeat, 60.0, f"Chroma heartbeat on {self.base}")
         except Exception:
@@ -326,6 +406,20 @@ def render_config(text: str, port_map: dict[int, int], access_log: str | None = 
     if access_log:
         text = text.replace("path: /dev/stdout", f"path: {access_log}")
     return text
+
+
+def config_variant(workdir: Path, config: Path, replace: dict[str, str] | None) -> Path:
+    """`config` with each key of `replace` (which must occur) replaced by its value, written to
+    `workdir`; `config` itself when there is nothing to replace."""
+    if not replace:
+        return config
+    text = config.read_text()
+    for a, b in replace.items():
+        assert a in text, a
+        text = text.replace(a, b)
+    variant = workdir / "envoy-variant.yaml"
+    variant.write_text(text)
+    return variant
 
 
 def config_ports(text: str) -> set[int]:

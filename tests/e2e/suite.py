@@ -3,41 +3,19 @@ JWT keys, a JWKS server, two mock providers, and one request helper that speaks 
 HTTP/2 (h2c) or HTTP/2 ending with a trailers frame."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
-import sys
-import threading
 from dataclasses import dataclass
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
 
 from h2client import h2_request
-from harness import ROOT, Gateway, free_port
+from harness import MINT, Gateway, JwksServer
 
 DEMO = "envoy/envoy.yaml"
 SEPARATE = "examples/separate-filters/envoy.yaml"
 PROVIDERS = {18001: {"name": "openai", "model": "gpt-4o-mini"}, 18002: {"name": "local", "model": "qwen-0.5b"}}
 TRANSPORTS = ["h1", "h2", "h2-trailers"]
-
-
-def _mint_module():
-    spec = importlib.util.spec_from_loader("mint_jwt", loader=None)
-    mod = importlib.util.module_from_spec(spec)
-    mod.__dict__["__file__"] = str(ROOT / "scripts" / "mint-jwt")
-    exec(compile((ROOT / "scripts" / "mint-jwt").read_text(), "mint-jwt", "exec"), mod.__dict__)  # noqa: S102
-    return mod
-
-
-MINT = _mint_module()
-
-
-class _Quiet(SimpleHTTPRequestHandler):
-    def log_message(self, *_args):
-        pass
 
 
 @dataclass
@@ -59,14 +37,12 @@ class Suite:
 
     def __init__(self, workdir: Path, config: str = DEMO):
         self.keys = workdir / "keys"
-        MINT.keygen(self.keys, "sluice-demo", "RS256")
-        self.jwks = ThreadingHTTPServer(("127.0.0.1", free_port()), partial(_Quiet, directory=str(self.keys)))
-        threading.Thread(target=self.jwks.serve_forever, daemon=True).start()
+        self.jwks = JwksServer.with_key(self.keys, "sluice-demo")
         try:
-            self.gw = Gateway(workdir, config, mocks=dict(PROVIDERS), ports={18100: self.jwks.server_address[1]},
+            self.gw = Gateway(workdir, config, mocks=dict(PROVIDERS), ports={18100: self.jwks.port},
                               env={"OPENAI_API_KEY": "sk-gateway-key"})
         except Exception:
-            self.jwks.shutdown()
+            self.jwks.stop()
             raise
         self.openai, self.local = self.gw.mocks[18001], self.gw.mocks[18002]
 
@@ -87,4 +63,4 @@ class Suite:
 
     def stop(self) -> None:
         self.gw.stop()
-        self.jwks.shutdown()
+        self.jwks.stop()

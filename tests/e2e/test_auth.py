@@ -7,89 +7,18 @@ import base64
 import hashlib
 import hmac
 import http.client
-import http.server
-import importlib.machinery
-import importlib.util
 import json
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from harness import ROOT, VENV_BIN, chat, free_port, wait_for
+from harness import MINT as mint_jwt
+from harness import ROOT, chat, wait_for
 
 EXAMPLE = "examples/jwt-rbac/envoy.yaml"
 QWEN = {18001: {"name": "qwen", "model": "qwen-0.5b"}}
-
-
-def _load_mint():
-    loader = importlib.machinery.SourceFileLoader("mint_jwt", str(ROOT / "scripts" / "mint-jwt"))
-    spec = importlib.util.spec_from_loader("mint_jwt", loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
-
-
-mint_jwt = _load_mint()
-
-
-class JwksServer:
-    """A JWKS endpoint on 127.0.0.1 (a thread); `keys` can change while it runs; stop/start
-    on the same port simulate an identity-provider outage; `delay` (seconds) holds each
-    answer, so a test can act while a fetch is still out."""
-
-    def __init__(self, jwks: dict, port: int | None = None, start: bool = True):
-        self.jwks = jwks
-        self.port = port or free_port()
-        self.hits = 0
-        self.delay = 0.0
-        self.httpd = None
-        if start:
-            self.start()
-
-    def start(self):
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                outer.hits += 1
-                if outer.delay:
-                    time.sleep(outer.delay)
-                body = json.dumps(outer.jwks).encode()
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *a):
-                pass
-
-        http.server.ThreadingHTTPServer.allow_reuse_address = True
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def stop(self):
-        if self.httpd:
-            self.httpd.shutdown()
-            self.httpd.server_close()
-            self.httpd = None
-
-
-@pytest.fixture
-def jwks_servers():
-    started: list[JwksServer] = []
-
-    def make(jwks: dict, **kw) -> JwksServer:
-        s = JwksServer(jwks, **kw)
-        started.append(s)
-        return s
-
-    yield make
-    for s in started:
-        s.stop()
 
 
 def keys(tmp_path: Path, kid: str = "k1", alg: str = "RS256") -> tuple[Path, dict]:

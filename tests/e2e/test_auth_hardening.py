@@ -27,7 +27,7 @@ import requests
 from h2client import h2_request
 from harness import ROOT, chat, wait_for
 from test_auth import EXAMPLE as JWT_RBAC
-from test_auth import alice, b64, bearer, bob, error, jwks_servers, keys, mint_jwt  # noqa: F401 (fixture)
+from test_auth import alice, b64, bearer, bob, error, keys, mint_jwt
 from test_auth_model_access import MOCKS
 
 MODEL_ACCESS = "examples/model-access/envoy.yaml"

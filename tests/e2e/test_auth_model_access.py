@@ -7,7 +7,7 @@ import pytest
 import hashlib
 
 from harness import chat
-from test_auth import alice, bearer, bob, error, jwks_servers, keys  # noqa: F401 (fixture)
+from test_auth import alice, bearer, bob, error, keys
 
 EXAMPLE = "examples/model-access/envoy.yaml"
 MOCKS = {

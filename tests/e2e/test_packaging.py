@@ -27,7 +27,7 @@ import pytest
 import requests
 import yaml
 
-from harness import ROOT, WASM_DIR, chat, sse_events, wait_for
+from harness import ROOT, WASM_DIR, JwksServer, chat, sse_events, wait_for
 
 COMPOSE_DIR = ROOT / "examples" / "docker-compose"
 COMPOSE_FILE = COMPOSE_DIR / "docker-compose.yaml"
@@ -432,50 +432,9 @@ def istio_as_envoy(install: str) -> dict:
             "clusters": list(clusters.values())}}
 
 
-class JwksServer:
-    """Serves one RSA key as a JWKS on 127.0.0.1 and mints tokens signed with it."""
-
-    def __init__(self):
-        import http.server
-        import threading
-
-        import jwt
-        from cryptography.hazmat.primitives.asymmetric import rsa
-
-        self._jwt = jwt
-        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key()))
-        jwk.update({"kid": "sluice-test", "alg": "RS256", "use": "sig"})
-        body = json.dumps({"keys": [jwk]}).encode()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                self.send_response(200)
-                self.send_header("content-type", "application/json")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def token(self, **claims) -> str:
-        import time
-        now = int(time.time())
-        payload = {"iat": now, "exp": now + 600, **claims}
-        return self._jwt.encode(payload, self.key, algorithm="RS256", headers={"kid": "sluice-test"})
-
-    def stop(self):
-        self.httpd.shutdown()
-
-
 @pytest.fixture
-def jwks():
-    server = JwksServer()
+def jwks(workdir):
+    server = JwksServer.with_key(workdir / "keys", "sluice-test")
     yield server
     server.stop()
 
@@ -494,7 +453,7 @@ def test_istio_default_install_serves_traffic_in_envoy(gateway, workdir, jwks):
     provider key and walks backup_models on retries."""
     gw = start_istio_gateway(gateway, workdir, jwks, "default")
     openai = gw.mocks[18001]
-    alice = {"authorization": "Bearer " + jwks.token(iss="solo.io", sub="alice", team="dev", org="solo.io")}
+    alice = {"authorization": "Bearer " + jwks.token("alice", "dev", {"org": "solo.io"}, iss="solo.io")}
 
     assert gw.post(json_body=chat("hi", model="gpt-4o", max_tokens=40)).status_code == 401  # auth: AUTHN
     r = gw.post(json_body=chat("Jane Doe, 42, Berlin", model="gpt-4o", max_tokens=40), headers=alice)
@@ -522,7 +481,7 @@ def test_istio_wasmplugin_only_install_serves_traffic_in_envoy(gateway, workdir,
     """wasmplugins-body.yaml instead of body-filters.yaml. When this starts passing (XPASS is
     a failure here), the gap is closed: make it the default install and drop the marker."""
     gw = start_istio_gateway(gateway, workdir, jwks, "wasmplugins")
-    alice = {"authorization": "Bearer " + jwks.token(iss="solo.io", sub="alice", team="dev", org="solo.io")}
+    alice = {"authorization": "Bearer " + jwks.token("alice", "dev", {"org": "solo.io"}, iss="solo.io")}
     # A hang, not a slow answer: the mocks answer in milliseconds; 3 s only bounds the wait.
     r = gw.post(json_body=chat("hi", model="gpt-4o", max_tokens=40), headers=alice, timeout=3)
     assert r.status_code == 200

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from h2client import h2_request
-from harness import ROOT, WASM_DIR, Gateway, free_port
+from harness import ROOT, WASM_DIR, Gateway, config_variant, free_port
 
 CONFIG = ROOT / "examples/rag/envoy.yaml"
 CORPUS = ROOT / "examples" / "rag" / "corpus"
@@ -33,14 +33,7 @@ def load(chroma, embeddings_base: str, collection: str = "french-cheeses") -> st
 
 
 def start(workdir: Path, chroma_port: int, replace: dict[str, str] | None = None) -> Gateway:
-    config = CONFIG
-    if replace:
-        text = CONFIG.read_text()
-        for a, b in replace.items():
-            assert a in text, a
-            text = text.replace(a, b)
-        config = workdir / "envoy-variant.yaml"
-        config.write_text(text)
+    config = config_variant(workdir, CONFIG, replace)
     return Gateway(workdir, config, mocks={18001: {"name": "openai", "model": "gpt-4o-mini"}, 18002: {"name": "embeddings"}},
                    ports={18003: chroma_port}, env={"OPENAI_API_KEY": "sk-test"})
 

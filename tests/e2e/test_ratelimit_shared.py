@@ -30,10 +30,11 @@ class Redis:
         self.start()
 
     def start(self):
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
-            stdout=open(self.workdir / "redis.log", "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.workdir / "redis.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(self.workdir)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self._ping, 10, "redis-server")
 
     def _ping(self) -> bool:
@@ -50,10 +51,11 @@ class Rls:
     def __init__(self, workdir: Path, redis_port: int, negative_hits: bool = True):
         self.port = free_port()
         extra = [] if negative_hits else ["--no-negative-hits"]
-        self.proc = subprocess.Popen(
-            [str(VENV_BIN / "python"), str(ROOT / "tests/rls/rls.py"), "--port", str(self.port),
-             "--redis-port", str(redis_port), *extra],
-            stdout=subprocess.PIPE, stderr=open(workdir / "rls.log", "ab"), text=True, start_new_session=True)
+        with open(workdir / "rls.log", "ab") as err:
+            self.proc = subprocess.Popen(
+                [str(VENV_BIN / "python"), str(ROOT / "tests/rls/rls.py"), "--port", str(self.port),
+                 "--redis-port", str(redis_port), *extra],
+                stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True)
         line = self.proc.stdout.readline()
         assert line.startswith("LISTENING"), line
 

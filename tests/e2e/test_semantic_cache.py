@@ -9,11 +9,8 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 import uuid
-from functools import partial
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import openai
@@ -21,8 +18,7 @@ import pytest
 import requests
 
 from h2client import h2_request
-from harness import ROOT, WASM_DIR, Gateway, free_port, wait_for
-from suite import MINT, _Quiet
+from harness import ROOT, WASM_DIR, Gateway, JwksServer, config_variant, free_port, wait_for
 
 CONFIG = ROOT / "examples/semantic-cache/envoy.yaml"
 ANSWER = "Paris is the capital of France."
@@ -56,35 +52,24 @@ class CacheGateway:
 
     def __init__(self, workdir: Path, chroma, *, replace: dict[str, str] | None = None, embeddings: bool = True,
                  store: bool = True):
-        keys = workdir / "keys"
-        MINT.keygen(keys, "sluice-demo", "RS256")
-        self.key = keys / "private.pem"
-        self.jwks = ThreadingHTTPServer(("127.0.0.1", free_port()), partial(_Quiet, directory=str(keys)))
-        threading.Thread(target=self.jwks.serve_forever, daemon=True).start()
-        config = CONFIG
-        if replace:
-            text = CONFIG.read_text()
-            for a, b in replace.items():
-                assert a in text, a
-                text = text.replace(a, b)
-            config = workdir / "envoy-variant.yaml"
-            config.write_text(text)
+        self.jwks = JwksServer.with_key(workdir / "keys", "sluice-demo")
+        config = config_variant(workdir, CONFIG, replace)
         self.chroma = chroma() if store else None
         mocks = {18001: {"name": "openai", "model": "gpt-4o-mini", "response_text": ANSWER}}
         if embeddings:
             mocks[18002] = {"name": "embeddings"}
-        ports = {18100: self.jwks.server_address[1], 18003: self.chroma.port if self.chroma else free_port()}
+        ports = {18100: self.jwks.port, 18003: self.chroma.port if self.chroma else free_port()}
         try:
             self.gw = Gateway(workdir, config, mocks=mocks, ports=ports, env={"OPENAI_API_KEY": "sk-test"})
         except Exception:
-            self.jwks.shutdown()
+            self.jwks.stop()
             raise
         self.provider = self.gw.mocks[18001]
         self.tokens: dict[str, str] = {}
 
     def token(self, user: str) -> str:
         if user not in self.tokens:
-            self.tokens[user] = MINT.mint(self.key, user, "dev", {}, {}, iss="sluice-demo", kid="sluice-demo")
+            self.tokens[user] = self.jwks.token(user, "dev", iss="sluice-demo")
         return self.tokens[user]
 
     def ask(self, user: str, text: str, stream: bool = False, headers: dict | None = None, **extra) -> requests.Response:
@@ -102,7 +87,7 @@ class CacheGateway:
 
     def stop(self) -> None:
         self.gw.stop()
-        self.jwks.shutdown()
+        self.jwks.stop()
 
 
 @pytest.fixture

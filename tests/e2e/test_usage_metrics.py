@@ -299,12 +299,12 @@ def test_prometheus_server_scrapes_the_token_total(gateway, workdir):
     scrape = (EXAMPLE / "prometheus.yml").read_text().replace("127.0.0.1:9901", f"127.0.0.1:{gw.envoy.admin_port}")
     (workdir / "prometheus.yml").write_text(scrape)
     port = free_port()
-    log = open(workdir / "prometheus.log", "wb")
-    proc = subprocess.Popen(
-        [prometheus, f"--config.file={workdir / 'prometheus.yml'}", f"--web.listen-address=127.0.0.1:{port}",
-         f"--storage.tsdb.path={workdir / 'tsdb'}"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    with open(workdir / "prometheus.log", "wb") as log:
+        proc = subprocess.Popen(
+            [prometheus, f"--config.file={workdir / 'prometheus.yml'}", f"--web.listen-address=127.0.0.1:{port}",
+             f"--storage.tsdb.path={workdir / 'tsdb'}"],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     try:
         api = f"http://127.0.0.1:{port}/api/v1/query"
 
@@ -326,7 +326,6 @@ def test_prometheus_server_scrapes_the_token_total(gateway, workdir):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
-        log.close()
 
 
 def test_bad_config_makes_envoy_refuse_to_start_naming_the_field(workdir):

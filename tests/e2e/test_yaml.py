@@ -1,9 +1,10 @@
 """Every YAML under envoy/ and examples/ is checked: Envoy bootstraps with
 `envoy --mode validate` (from the repo root, so relative .wasm paths resolve), and every
-bootstrap must also be started by some e2e test (listed in EXERCISED below or referenced
-by a test file). Kubernetes manifests and compose files are checked by their own tests."""
+bootstrap must also be started by some e2e test: its path appears in the code (not a comment)
+of a test file or a script. Kubernetes manifests and compose files are checked by their own tests."""
 from __future__ import annotations
 
+import ast
 import subprocess
 from pathlib import Path
 
@@ -61,9 +62,38 @@ def test_envoy_validate(path: Path):
 SNIPPETS = {"envoy/stats-tags.yaml", "envoy/access-log.yaml"}
 
 
+def code_without_comments(path: Path) -> str:
+    """What a source file can use a path with, without its comments: for Python the string
+    constants of its code (comments and docstrings, which are bare string statements, left
+    out); for other scripts (shell) the text without `#` lines and trailing ` # ...` parts."""
+    text = path.read_text(errors="replace")
+    if path.suffix == ".py" or text.startswith("#!") and "python" in text.split("\n", 1)[0]:
+        tree = ast.parse(text)
+        docs = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+        return "\n".join(n.value for n in ast.walk(tree)
+                         if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs)
+    lines = []
+    for line in text.splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        lines.append(line.split(" # ", 1)[0])
+    return "\n".join(lines)
+
+
+def test_comments_do_not_count_as_a_use(tmp_path: Path):
+    py = tmp_path / "t.py"
+    py.write_text('"""examples/g/envoy.yaml"""\n# starts examples/a/envoy.yaml\n'
+                  'X = "examples/b/envoy.yaml"  # and examples/c/envoy.yaml\n')
+    sh = tmp_path / "t.sh"
+    sh.write_text('#!/bin/sh\n# examples/d/envoy.yaml\nenvoy -c examples/e/envoy.yaml # examples/f/envoy.yaml\n')
+    got = code_without_comments(py) + code_without_comments(sh)
+    assert "examples/b/" in got and "examples/e/" in got
+    assert not any(f"examples/{c}/" in got for c in "acdfg"), got
+
+
 def test_every_envoy_yaml_is_exercised_by_a_test():
-    test_text = "\n".join(p.read_text() for p in (ROOT / "tests").rglob("*.py"))
-    test_text += "\n".join(p.read_text() for p in (ROOT / "scripts").iterdir() if p.is_file())
+    sources = [p for p in (ROOT / "tests").rglob("*.py")] + [p for p in (ROOT / "scripts").iterdir() if p.is_file()]
+    test_text = "\n".join(code_without_comments(p) for p in sources)
     missing = []
     for p in ENVOY_FILES:
         rel = str(p.relative_to(ROOT))

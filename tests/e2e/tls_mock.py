@@ -79,11 +79,12 @@ class TlsProxy:
     def __init__(self, workdir: Path, upstream_port: int, ca: ProviderCA, name: str = "tls"):
         self.log_path = workdir / f"tls-{name}.jsonl"
         self.stderr_path = workdir / f"tls-{name}.stderr"
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--cert", str(ca.cert_path), "--key", str(ca.key_path),
-             "--upstream-port", str(upstream_port), "--log", str(self.log_path)],
-            stdout=subprocess.PIPE, stderr=open(self.stderr_path, "wb"), text=True, start_new_session=True,
-        )
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, __file__, "--cert", str(ca.cert_path), "--key", str(ca.key_path),
+                 "--upstream-port", str(upstream_port), "--log", str(self.log_path)],
+                stdout=subprocess.PIPE, stderr=err, text=True, start_new_session=True,
+            )
         line = self.proc.stdout.readline().strip()
         m = re.match(r"LISTENING (\d+)", line)
         if not m:

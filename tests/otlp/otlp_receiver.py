@@ -34,6 +34,7 @@ span on stdout, or into --jsonl FILE; SIGTERM or SIGINT stops it):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -263,7 +264,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jsonl", help="append one JSON line per span to this file instead of stdout")
     args = ap.parse_args(argv)
 
-    out = open(args.jsonl, "a", buffering=1) if args.jsonl else sys.stdout
+    with open(args.jsonl, "a", buffering=1) if args.jsonl else contextlib.nullcontext(sys.stdout) as out:
+        return serve(args.port, out)
+
+
+def serve(port_arg: int, out) -> int:
+    """Receive until SIGTERM/SIGINT, writing each span to `out`."""
     lock = threading.Lock()
 
     def emit(span: Span) -> None:
@@ -272,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             out.flush()
 
     rx = Receiver(on_span=emit)
-    port = rx.start(args.port)
+    port = rx.start(port_arg)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

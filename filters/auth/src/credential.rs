@@ -115,7 +115,6 @@ pub fn strip(x: &mut Exchange, h: &mut dyn Host, sources: &[&Source]) {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use sluice_core::host::FakeHost;

@@ -145,7 +145,6 @@ pub fn fetch_headers(r: &RemoteJwks) -> Vec<(&str, &str)> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use sluice_core::host::FakeHost;

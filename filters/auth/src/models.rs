@@ -53,7 +53,6 @@ pub fn is_list(v: &Value) -> bool {
 pub const EMPTY_LIST: &[u8] = br#"{"object":"list","data":[]}"#;
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use serde_json::json;

@@ -103,7 +103,6 @@ pub fn model_required() -> LocalReply {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use serde_json::{json, Value};

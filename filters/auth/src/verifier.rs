@@ -170,7 +170,6 @@ pub fn verify(vm: &mut VmState, cfg: &Config, h: &dyn Host, token: &str, may_fet
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};

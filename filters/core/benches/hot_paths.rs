@@ -84,7 +84,7 @@ fn sse_stream() -> Vec<Vec<u8>> {
     };
     events.push(chunk(serde_json::json!({"role": "assistant", "content": ""}), serde_json::Value::Null));
     for i in 0..64 {
-        let p = &text[i * piece..(i + 1) * piece];
+        let p = text.get(i * piece..(i + 1) * piece).unwrap();
         events.push(chunk(serde_json::json!({ "content": p }), serde_json::Value::Null));
     }
     events.push(chunk(serde_json::json!({}), serde_json::json!("stop")));

@@ -316,7 +316,6 @@ pub fn test_encode_metadata(namespace: &str, meta: &Value) -> Vec<u8> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use serde_json::json;

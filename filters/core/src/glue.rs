@@ -1,7 +1,7 @@
 //! proxy-wasm glue, the same for every sluice filter: a root context that loads the
 //! plugins (one config reader, one error wording) and does their per-VM work, and an HTTP
 //! context that hands every callback to the [`Pipeline`]. A filter crate's `lib.rs` only says
-//! which plugins it is made of: `sluice_core::filter_main!(sluice_auth::assemble);`.
+//! which plugins it is made of: `sluice_core::filter_main!(NAME, assemble);`.
 
 use crate::config::refused;
 use crate::host::Host;

@@ -115,7 +115,6 @@ pub fn set_filter_state<H: crate::host::Host + ?Sized>(host: &mut H, key: &str, 
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

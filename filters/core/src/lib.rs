@@ -8,7 +8,8 @@
 //!   incremental SSE parser; [`json`]: strict parsing (duplicate keys refused);
 //! - [`config`]: the one config reader; [`metrics`]: the one metrics helper; [`keys`]: the
 //!   filter-state contract; [`route`]: per-route settings; [`encoding`]: the host's binary
-//!   encodings; [`errors`]: OpenAI-style local replies.
+//!   encodings; [`errors`]: OpenAI-style local replies;
+//! - [`vector`]: the embeddings and vector-store clients (semantic-cache, rag).
 //!
 //! Nothing here calls a proxy-wasm host function except `proxy_host` and `glue`, which exist
 //! only on wasm32 builds; everything else is tested natively and inside a wasm runtime.
@@ -29,6 +30,7 @@ pub mod sse;
 pub mod stage;
 pub mod translate;
 pub mod usage;
+pub mod vector;
 
 #[cfg(target_arch = "wasm32")]
 pub mod glue;

@@ -176,9 +176,10 @@ impl Pipeline {
         if end_of_stream {
             self.x.request.body = Some(Vec::new());
         }
+        // A busy cache only costs a re-read: an empty route would switch route policies off.
         self.x.route = match self.routes.try_borrow_mut() {
             Ok(mut c) => c.lookup(h),
-            Err(_) => Rc::default(),
+            Err(_) => RouteCache::default().lookup(h),
         };
         // Route metadata `sluice.disabled_stages: [prompt_enrichment, ...]` switches stages off
         // on a route (the composed filter's form of Envoy's per-filter `disabled: true`).

@@ -1,6 +1,5 @@
 //! Pipeline tests on the fake host: every path a stage can take ends in continue, pause with
 //! a callout out, or a reply; trailers end bodies; replies pass only earlier stages.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use super::*;
 use crate::exchange::{BodyUse, ResponseUse};

@@ -99,7 +99,6 @@ impl RouteCache {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::host::{CallKind, CountingHost, FakeHost};

@@ -377,7 +377,6 @@ pub fn estimate_usage(prompt_bytes: usize, output_bytes: usize) -> TokenUsage {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use serde_json::json;

@@ -375,7 +375,6 @@ pub fn load(bytes: &[u8]) -> Result<Config, ConfigError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

@@ -109,7 +109,6 @@ pub fn record(h: &mut dyn Host, cluster: &str, until_ms: u64, now_ms: u64) -> bo
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use sluice_core::host::FakeHost;

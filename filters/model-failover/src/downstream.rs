@@ -170,7 +170,6 @@ impl Stage for DownstreamStage {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use crate::config::{GROUPS_HEADER, ORIGINAL_STATUS_HEADER};
     use crate::stage::metric;

@@ -49,7 +49,6 @@ impl Stage for RouteRefreshStage {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use sluice_core::encoding::test_encode_metadata;
     use sluice_core::host::{CallKind, CountingHost, FakeHost};

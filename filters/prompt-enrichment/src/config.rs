@@ -319,7 +319,6 @@ fn check_field_name(path: &str, field: &str) -> Result<(), ConfigError> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use serde_json::json;

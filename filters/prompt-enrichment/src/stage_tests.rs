@@ -1,5 +1,4 @@
 //! prompt-enrichment through the core pipeline on the fake host.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use super::*;
 use serde_json::json;

@@ -316,7 +316,6 @@ fn compile_rule(r: &Obj<'_>, response: bool) -> Result<(GuardRule, String), Conf
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

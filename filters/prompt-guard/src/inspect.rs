@@ -125,7 +125,6 @@ pub fn guard_plain(text: &str, rules: &RuleSet, apply: bool, v: &mut Verdict) ->
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::config::Config;

@@ -332,7 +332,6 @@ pub fn merge(mut spans: Vec<Span>) -> Vec<Span> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use crate::config::Config;
 

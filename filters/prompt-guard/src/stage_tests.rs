@@ -1,5 +1,4 @@
 //! prompt-guard through the core pipeline on the fake host (phases set as Envoy would).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use super::*;
 use serde_json::json;

@@ -8,21 +8,13 @@
 //! - [`passages`]: which passages are added, and how they are rendered.
 //!
 //! - [`embeddings`], [`store`], [`upstream`]: the embeddings client and the vector-store trait
-//!   (Chroma), the same source files as semantic-cache's.
+//!   (Chroma), from `sluice_core::vector` (shared with semantic-cache).
 
 pub mod config;
 pub mod passages;
 pub mod stage;
 
-// The embeddings client and the vector-store trait, shared with semantic-cache as source
-// files: a crate dependency would link semantic-cache's proxy-wasm entry point into this
-// module whenever both crates are built in one cargo invocation (features are unified).
-#[path = "../../semantic-cache/src/embeddings.rs"]
-pub mod embeddings;
-#[path = "../../semantic-cache/src/store.rs"]
-pub mod store;
-#[path = "../../semantic-cache/src/upstream.rs"]
-pub mod upstream;
+pub use sluice_core::vector::{embeddings, store, upstream};
 
 use sluice_core::config::{ConfigError, Obj};
 use sluice_core::stage::Plugin;

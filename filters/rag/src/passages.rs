@@ -49,7 +49,6 @@ pub fn render(passages: &[String], r: &Retrieval) -> String {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use serde_json::{json, Map};

@@ -159,7 +159,6 @@ pub fn pieces(text: &str, min: usize) -> Vec<&str> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

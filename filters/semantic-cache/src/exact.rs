@@ -35,7 +35,6 @@ pub fn decode(value: &[u8], key_hex: &str, now_ms: u64) -> Option<Answer> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use crate::key::CacheKey;

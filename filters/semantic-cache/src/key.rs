@@ -203,7 +203,6 @@ pub fn skip_reason(body: &Value, skip_nonzero_temperature: bool) -> Option<Skip>
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use serde_json::json;

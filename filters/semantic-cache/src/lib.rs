@@ -9,18 +9,15 @@
 //! - [`answer`]: the stored record and its JSON / SSE replay.
 //! - [`exact`]: the exact tier's slots in shared data.
 //! - [`embeddings`], [`store`], [`upstream`]: the embeddings client and the vector-store
-//!   trait with its Chroma implementation. The rag filter compiles the same three files
-//!   (`#[path]` modules, not a crate dependency: a dependency would link this crate's
-//!   proxy-wasm entry point into rag's module whenever both are built in one cargo run).
+//!   trait with its Chroma implementation, from `sluice_core::vector` (shared with rag).
 
 pub mod answer;
 pub mod config;
-pub mod embeddings;
 pub mod exact;
 pub mod key;
 pub mod stage;
-pub mod store;
-pub mod upstream;
+
+pub use sluice_core::vector::{embeddings, store, upstream};
 
 use sluice_core::config::{ConfigError, Obj};
 use sluice_core::stage::Plugin;

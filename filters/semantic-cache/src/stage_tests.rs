@@ -1,6 +1,5 @@
 //! semantic-cache through the core pipeline on the fake host: hits, misses, scopes, failures,
 //! the SSE replay, the store hand-off to the root context and the host-call budget.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use super::*;
 use crate::config::Config;

@@ -517,7 +517,6 @@ fn parse_counts(s: &str) -> Result<Counts, String> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

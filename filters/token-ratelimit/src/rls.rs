@@ -322,7 +322,6 @@ pub fn decode_request(buf: &[u8]) -> Option<SentRequest> {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 pub(crate) mod tests {
     use super::*;
 

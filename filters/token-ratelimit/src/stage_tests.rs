@@ -1,6 +1,5 @@
 //! token-ratelimit through the core pipeline on the fake host (which behaves like Envoy:
 //! empty shared data reads as `(None, Some(cas))`, response headers only in their phase).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use crate::budget::{bucket_count, counter_key, sha256_hex32, Store};
 use crate::config::Config;

@@ -166,7 +166,6 @@ impl Recorder {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use sluice_core::host::FakeHost;

@@ -143,7 +143,6 @@ pub fn assemble(bytes: &[u8], env: &dyn Fn(&str) -> Option<String>) -> Result<Ve
 sluice_core::filter_main!(NAME, assemble);
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
     use sluice_core::host::{FakeHost, Phase};

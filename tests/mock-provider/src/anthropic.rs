@@ -438,7 +438,6 @@ pub fn malformed_stream_events(reply: &Reply) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
     use super::*;
     use crate::provider::Extras;

@@ -76,7 +76,6 @@ pub fn gzip(data: &[u8]) -> Vec<u8> {
 
 #[cfg(test)]
 pub mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
     use super::*;
 

@@ -148,7 +148,6 @@ pub fn body(inputs: &[String], dim: usize, base64: bool, model: &str, usage: Usa
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
     use super::*;
     use crate::codec::tests::unbase64;

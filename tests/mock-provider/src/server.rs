@@ -972,7 +972,6 @@ fn update_config(state: &State, body: &[u8]) -> (u16, Value) {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
     use super::*;
 
@@ -1172,8 +1171,8 @@ mod tests {
             if size == 0 {
                 break;
             }
-            payload.push_str(&after[..size]);
-            rest = &after[size + 2..];
+            payload.push_str(after.get(..size).unwrap());
+            rest = after.get(size + 2..).unwrap();
             chunks += 1;
         }
         assert_eq!(chunks, 16);

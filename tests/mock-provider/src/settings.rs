@@ -383,7 +383,6 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Cli, ArgsEr
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
     use serde_json::json;
 

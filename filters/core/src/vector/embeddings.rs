@@ -2,9 +2,9 @@
 //! Ollama, vLLM, LiteLLM, the mock provider, or this gateway itself). Pure request builder
 //! and response parser; the stage sends the call with [`Upstream::dispatch`].
 
-use crate::upstream::{HttpCall, Upstream, UpstreamDefaults, UPSTREAM_FIELDS};
+use super::upstream::{HttpCall, Upstream, UpstreamDefaults, UPSTREAM_FIELDS};
+use crate::config::{ConfigError, Obj};
 use serde_json::{json, Value};
-use sluice_core::config::{ConfigError, Obj};
 use std::time::Duration;
 
 /// Longest text sent to be embedded (cut on a char boundary): embedding models take a few
@@ -78,7 +78,7 @@ impl Embeddings {
 
     /// The request embedding `text` (cut to `max_input_bytes`).
     pub fn request(&self, text: &str) -> HttpCall {
-        let mut body = json!({"model": self.model, "input": sluice_core::json::cut(text, self.max_input_bytes)});
+        let mut body = json!({"model": self.model, "input": crate::json::cut(text, self.max_input_bytes)});
         if let (Some(d), Some(o)) = (self.dimensions, body.as_object_mut()) {
             o.insert("dimensions".into(), Value::from(d));
         }
@@ -119,10 +119,9 @@ pub fn parse_embedding(status: Option<u16>, body: Option<&[u8]>) -> Result<Vec<f
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use sluice_core::config::read;
+    use crate::config::read;
 
     fn load(doc: &str) -> Result<Embeddings, ConfigError> {
         read(doc.as_bytes(), |o| Embeddings::load(o, &|_| None))

@@ -8,9 +8,9 @@
 //! metadata filter; distances are cosine distances (`1 - cosine similarity`, 0 = same
 //! direction).
 
-use crate::upstream::{HttpCall, Upstream, UpstreamDefaults, UPSTREAM_FIELDS};
+use super::upstream::{HttpCall, Upstream, UpstreamDefaults, UPSTREAM_FIELDS};
+use crate::config::{ConfigError, Obj};
 use serde_json::{json, Map, Value};
-use sluice_core::config::{ConfigError, Obj};
 use std::time::Duration;
 
 /// One stored item.
@@ -167,8 +167,8 @@ fn ok(status: Option<u16>, body: Option<&[u8]>) -> Result<(), StoreError> {
         Some(s) if (200..300).contains(&s) => Ok(()),
         Some(404) => Err(StoreError::NoCollection),
         Some(s) => {
-            let text = body.map(sluice_core::json::lossy).unwrap_or_default();
-            Err(StoreError::Status(s, sluice_core::json::cut(text.trim(), 200).to_string()))
+            let text = body.map(crate::json::lossy).unwrap_or_default();
+            Err(StoreError::Status(s, crate::json::cut(text.trim(), 200).to_string()))
         }
     }
 }
@@ -198,7 +198,7 @@ fn is_missing_collection(status: Option<u16>, body: Option<&[u8]>) -> bool {
     if status == Some(404) {
         return true;
     }
-    let text = body.map(sluice_core::json::lossy).unwrap_or_default().to_ascii_lowercase();
+    let text = body.map(crate::json::lossy).unwrap_or_default().to_ascii_lowercase();
     status.is_some_and(|s| s >= 400)
         && text.contains("collection")
         && (text.contains("not exist") || text.contains("not found"))
@@ -305,10 +305,9 @@ impl VectorStore for Chroma {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use sluice_core::config::read;
+    use crate::config::read;
 
     fn chroma() -> Chroma {
         read(br#"{"type":"chroma","cluster":"chroma","tenant":"t1","database":"d1"}"#, |o| {

@@ -3,8 +3,8 @@
 //! an environment variable the VM was given (`vm_config.environment_variables.host_env_keys`),
 //! never from the config text.
 
-use sluice_core::config::{validate_env_var_name, validate_header_name, ConfigError, Obj};
-use sluice_core::host::Host;
+use crate::config::{validate_env_var_name, validate_header_name, ConfigError, Obj};
+use crate::host::Host;
 use std::fmt;
 use std::time::Duration;
 
@@ -147,10 +147,9 @@ impl Upstream {
 }
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use sluice_core::config::read;
+    use crate::config::read;
 
     const D: UpstreamDefaults = UpstreamDefaults {
         authority: "api.openai.com",
