@@ -717,7 +717,7 @@ fn sse_answers_are_translated_event_by_event_across_chunks() {
         })
         .collect();
     // Network chunks that split events anywhere.
-    let pieces: Vec<&str> = vec![&wire[..17], &wire[17..200], &wire[200..]];
+    let pieces: Vec<&str> = vec![wire.get(..17).unwrap(), wire.get(17..200).unwrap(), wire.get(200..).unwrap()];
     let out = String::from_utf8(answer(&mut pl, &mut h, "200", "text/event-stream", &pieces)).unwrap();
     assert!(!out.contains("event:"), "{out}");
     let datas: Vec<&str> = out.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).collect();
