@@ -196,7 +196,10 @@ def main() -> int:
         jwks = serve_dir(keys, jwks_port)
         used = config_ports((REPO / CONFIG).read_text())
         mocks = {p: m for p, m in PROVIDERS.items() if p in used}
-        gw = Gateway(workdir, CONFIG, mocks=mocks, ports={10000: port, 9901: admin, 18100: jwks_port},
+        # Traces go to an OTLP/gRPC collector on 127.0.0.1:4317 when one runs (e.g. the compose
+        # demo's Jaeger); with --port 0 the collector port is a free one too (spans dropped).
+        fixed = {4317: 4317} if args.port else {}
+        gw = Gateway(workdir, CONFIG, mocks=mocks, ports={10000: port, 9901: admin, 18100: jwks_port, **fixed},
                      env={"OPENAI_API_KEY": os.environ.get("OPENAI_API_KEY", "sk-demo-not-a-real-key")})
         print(f"{BOLD}sluice gateway listening on {gw.base}{RESET} (Envoy admin on http://127.0.0.1:{admin}, "
               f"logs in {workdir})")

@@ -40,7 +40,11 @@ WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 # How the compose envoy.yaml maps onto the test harness: compose service hostnames and the
 # container's any-address become 127.0.0.1 (the harness then gives every port a free one).
 # test_compose_mapping_is_complete keeps this table equal to what the files say.
-COMPOSE_HOSTS = {"mock-openai": "127.0.0.1", "mock-local": "127.0.0.1", "0.0.0.0": "127.0.0.1"}
+COMPOSE_HOSTS = {"mock-openai": "127.0.0.1", "mock-local": "127.0.0.1", "jaeger": "127.0.0.1",
+                 "0.0.0.0": "127.0.0.1"}
+# Compose services that are not mock providers: the port envoy.yaml reaches them on, which
+# their image serves (no --port flag to read it from) and the compose file publishes.
+COMPOSE_SERVICE_PORTS = {"jaeger": "4317"}
 # Compose mounts the repo's wasm directory at the same relative path under working_dir.
 COMPOSE_WORKDIR = "/sluice"
 WASM_REL = "target/wasm32-wasip1/release"
@@ -609,7 +613,11 @@ def test_compose_mapping_is_complete():
         if host == "0.0.0.0":
             continue
         assert host in services, f"{host} is not a compose service"
-        assert mock_flags(services[host])["port"] == port, host
+        if host in COMPOSE_SERVICE_PORTS:
+            assert COMPOSE_SERVICE_PORTS[host] == port, host
+            assert f"127.0.0.1:{port}:{port}" in services[host]["ports"], host
+        else:
+            assert mock_flags(services[host])["port"] == port, host
 
 
 def mock_flags(service: dict) -> dict:
@@ -639,6 +647,55 @@ def render_compose_envoy(dest: Path) -> Path:
         assert n > 0, host
     dest.write_text(text)
     return dest
+
+
+def filter_metric_names() -> set[str]:
+    """Every metric name a sluice filter defines (its `pub const NAME: &str = "..."`)."""
+    names = set()
+    for src in (ROOT / "filters").glob("*/src/*.rs"):
+        names |= set(re.findall(r'pub const [A-Z_]+: &str = "((?:gen_ai|sluice)_[a-z_]+)";', src.read_text()))
+    return names
+
+
+def test_dashboard_panels_use_only_metrics_the_filters_define():
+    """Every Prometheus series the compose dashboard queries is a sluice filter's metric (or
+    Envoy's own envoy_*): a renamed metric cannot leave an empty panel behind."""
+    dash = json.loads((ROOT / "examples/usage-metrics/grafana-dashboard.json").read_text())
+    defined = filter_metric_names()
+    assert {"sluice_usage_cost_micros", "sluice_cache_hits", "sluice_cache_saved_tokens"} <= defined, defined
+    used = set()
+    for panel in dash["panels"]:
+        for t in panel.get("targets", []):
+            for m in re.findall(r"\b((?:gen_ai|sluice|envoy)_[a-z_]+)(?=\s*[{\[])", t["expr"]):
+                used.add(re.sub(r"_(bucket|sum|count)$", "", m) if m not in defined else m)
+    unknown = {m for m in used if not m.startswith("envoy_") and m not in defined}
+    assert not unknown, f"dashboard metrics no filter defines: {sorted(unknown)}"
+    # The issue-18 panels: cost, cached/reasoning tokens, semantic cache hits and savings.
+    text = json.dumps(dash)
+    for needle in ("sluice_usage_cost_micros", "cached_input", "reasoning", "sluice_cache_hits",
+                   "sluice_cache_misses", "sluice_cache_saved_tokens", "sluice_cache_lookup_us_bucket"):
+        assert needle in text, needle
+
+
+def test_compose_provisions_the_trace_backend():
+    """Envoy's tracer exports to the jaeger service (OTLP/gRPC enabled), Grafana reads it."""
+    services = compose()["services"]
+    assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert "jaeger" in services["envoy"]["depends_on"] and "jaeger" in services["grafana"]["depends_on"]
+    doc = yaml.safe_load((ROOT / COMPOSE_ENVOY).read_text())
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    provider = hcm["tracing"]["provider"]
+    assert provider["name"] == "envoy.tracers.opentelemetry"
+    cluster = provider["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+    (c,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == cluster]
+    assert "http2_protocol_options" in json.dumps(c)              # gRPC
+    # The same gen_ai span attributes as the demo gateway (envoy/envoy.yaml, tested in tests/otlp).
+    demo = yaml.safe_load((ROOT / "envoy/envoy.yaml").read_text())
+    demo_hcm = demo["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["tracing"]["custom_tags"] == demo_hcm["tracing"]["custom_tags"]
+    sources = yaml.safe_load((COMPOSE_DIR / "grafana/provisioning/datasources/jaeger.yaml").read_text())
+    (ds,) = sources["datasources"]
+    assert ds["type"] == "jaeger" and ds["url"] == "http://jaeger:16686"
 
 
 def test_compose_envoy_yaml_serves_the_readme_tour(gateway, workdir):
