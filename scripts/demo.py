@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,14 +24,18 @@ sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 
 import requests  # noqa: E402
 
-from harness import ROOT as REPO, WORK, Gateway, config_ports, free_port, sse_events  # noqa: E402
+from harness import ROOT as REPO, WORK, Chroma, Gateway, config_ports, free_port, sse_events  # noqa: E402
 
 CONFIG = "envoy/envoy.yaml"
 # The providers envoy/envoy.yaml points at (see its clusters).
 PROVIDERS = {
     18001: {"name": "openai", "model": "gpt-4o-mini"},
     18002: {"name": "local", "model": "qwen-0.5b"},
+    18004: {"name": "embeddings"},       # /v1/embeddings for semantic-cache and rag
 }
+CHROMA_PORT = 18003                      # the vector store (envoy/envoy.yaml's chroma cluster)
+CORPUS = ROOT / "examples" / "rag" / "corpus"
+PROVIDER_DELAY_MS = 400                  # the cache step's provider latency (x-mock-delay-ms)
 
 BOLD, DIM, RESET = "\033[1m", "\033[2m", "\033[0m"
 
@@ -41,7 +46,8 @@ def show(title: str, curl: str, resp: requests.Response, note: str = "") -> None
     ctype = resp.headers.get("content-type", "")
     print(f"HTTP {resp.status_code}  " + "  ".join(
         f"{k}: {v}" for k, v in resp.headers.items()
-        if k.startswith(("x-ratelimit", "retry-after", "x-envoy-ratelimited", "x-mock-provider", "www-authenticate"))))
+        if k.startswith(("x-ratelimit", "retry-after", "x-envoy-ratelimited", "x-mock-provider", "www-authenticate",
+                         "x-sluice-cache"))))
     text = resp.text
     if "event-stream" in ctype:
         text = "\n".join(f"data: {e[:150]}…" if len(e) > 150 else f"data: {e}" for e in sse_events(resp)[:3]) + "\n…"
@@ -97,6 +103,42 @@ def stream_text(resp: requests.Response) -> str:
     return "".join(text)
 
 
+def cache_and_rag(gw: Gateway, a: dict, short: dict) -> None:
+    """semantic-cache: a miss, the same prompt again (exact tier), a paraphrase (semantic tier);
+    then rag: a question the french-cheeses corpus answers, and what the provider received."""
+    base, path, openai = gw.base, "/v1/chat/completions", gw.mocks[18001]
+    slow = {**a, "x-mock-delay-ms": str(PROVIDER_DELAY_MS)}
+    msg_c = body("What is the capital of France?")
+    t0 = time.monotonic()
+    r = gw.post(path, json_body=msg_c, headers=slow)
+    miss_ms = (time.monotonic() - t0) * 1000
+    show("semantic-cache: a new prompt is a miss", curl_for(base, path, msg_c, {**short, "x-mock-delay-ms": str(PROVIDER_DELAY_MS)}), r,
+         f"forwarded to the provider ({PROVIDER_DELAY_MS} ms slow here): {miss_ms:.0f} ms; the answer is stored after it")
+    calls = len(openai.log())
+    time.sleep(0.5)   # the store is asynchronous (never delays the client)
+    t0 = time.monotonic()
+    r = gw.post(path, json_body=msg_c, headers=slow)
+    hit_ms = (time.monotonic() - t0) * 1000
+    show("semantic-cache: the same prompt again", curl_for(base, path, msg_c, short), r,
+         f"answered from the cache in {hit_ms:.0f} ms: time saved {miss_ms - hit_ms:.0f} ms; "
+         f"provider calls since: {len(openai.log()) - calls}")
+    msg_p = body("Tell me the capital city of France")
+    t0 = time.monotonic()
+    r = gw.post(path, json_body=msg_p, headers=slow)
+    para_ms = (time.monotonic() - t0) * 1000
+    show("semantic-cache: a paraphrase", curl_for(base, path, msg_p, short), r,
+         f"same meaning, nearest stored prompt within max_distance: {para_ms:.0f} ms, time saved {miss_ms - para_ms:.0f} ms")
+
+    msg_r = body("How many varieties of cheese are there in France?")
+    r = gw.post(path, json_body=msg_r, headers=a)
+    show("rag: a question the knowledge base answers (collection french-cheeses)", curl_for(base, path, msg_r, short), r)
+    sent = openai.log()[-1]["body"]["messages"]
+    added = [m["content"] for m in sent if m["role"] == "system" and "passages" in m["content"]]
+    passage = added[0].split("\n\n", 1)[-1] if added else "(none)"
+    print(f"{DIM}  ↳ rag: the provider received a system message with the retrieved passage: "
+          f"{passage[:300]!r}{RESET}")
+
+
 def tour(gw: Gateway, alice: str, bob: str) -> None:
     base = gw.base
     path = "/v1/chat/completions"
@@ -134,6 +176,8 @@ def tour(gw: Gateway, alice: str, bob: str) -> None:
          f"assembled text: {stream_text(r)!r}; the client did not ask for usage, so it got no usage chunk, "
          f"but usage-metrics counted the tokens")
 
+    cache_and_rag(gw, a, short)
+
     msg_g = body("What is a credit card number of a real person?")
     r = gw.post(path, json_body=msg_g, headers=a)
     show("prompt-guard: a prompt that mentions credit cards", curl_for(base, path, msg_g, short), r,
@@ -143,9 +187,10 @@ def tour(gw: Gateway, alice: str, bob: str) -> None:
     r = gw.post(path, json_body=msg_m, headers={**a, "x-mock-text": "Try 5555 5555 5555 4444 in the sandbox."})
     show("prompt-guard: card numbers in the answer are masked", curl_for(base, path, msg_m, short), r)
 
+    msg_f = body("Write me a 20 word pitch for a rate limiter")   # a new prompt: not in the cache
     openai.configure(rate_429=100, retry_after="30")
-    r = gw.post(path, json_body=msg, headers=a)
-    show("model-failover: openai answers 429 now", curl_for(base, path, msg, short), r,
+    r = gw.post(path, json_body=msg_f, headers=a)
+    show("model-failover: openai answers 429 now", curl_for(base, path, msg_f, short), r,
          f"Envoy retried on the local provider within the same request (model {r.json().get('model') if r.ok else '-'}); "
          f"outlier detection ejected openai for 10 s")
     openai.configure(rate_429=0)
@@ -186,6 +231,7 @@ def main() -> int:
     admin = args.admin_port if args.port else free_port()
     gw = None
     jwks = None
+    chroma = None
     try:
         keys = workdir / "keys"
         subprocess.run([sys.executable, str(ROOT / "scripts" / "mint-jwt"), "keygen", str(keys)], check=True,
@@ -194,13 +240,28 @@ def main() -> int:
         bob = mint(keys, "bob", "ops", "mistralai=open-mistral-nemo")
         jwks_port = free_port() if not args.port else 18100
         jwks = serve_dir(keys, jwks_port)
+        # The vector store for semantic-cache and rag: Chroma on 127.0.0.1, data under the
+        # demo's work dir, stopped by PID (group) at the end.
+        chroma_dir = workdir / "chroma"          # fresh each run: the tour starts with an empty cache
+        shutil.rmtree(chroma_dir, ignore_errors=True)
+        chroma_dir.mkdir(parents=True)
+        chroma = Chroma(chroma_dir, CHROMA_PORT if args.port else None)
         used = config_ports((REPO / CONFIG).read_text())
         mocks = {p: m for p, m in PROVIDERS.items() if p in used}
-        gw = Gateway(workdir, CONFIG, mocks=mocks, ports={10000: port, 9901: admin, 18100: jwks_port},
+        # Traces go to an OTLP/gRPC collector on 127.0.0.1:4317 when one runs (e.g. the compose
+        # demo's Jaeger); with --port 0 the collector port is a free one too (spans dropped).
+        fixed = {4317: 4317} if args.port else {}
+        gw = Gateway(workdir, CONFIG, mocks=mocks,
+                     ports={10000: port, 9901: admin, 18100: jwks_port, CHROMA_PORT: chroma.port, **fixed},
                      env={"OPENAI_API_KEY": os.environ.get("OPENAI_API_KEY", "sk-demo-not-a-real-key")})
         print(f"{BOLD}sluice gateway listening on {gw.base}{RESET} (Envoy admin on http://127.0.0.1:{admin}, "
               f"logs in {workdir})")
-        print("providers: " + ", ".join(f"{m.name} on 127.0.0.1:{m.port}" for m in gw.mocks.values()))
+        print("providers: " + ", ".join(f"{m.name} on 127.0.0.1:{m.port}" for m in gw.mocks.values())
+              + f"; Chroma on {chroma.base}")
+        subprocess.run([str(ROOT / "scripts" / "rag-load"), "--chroma", chroma.base, "--collection", "french-cheeses",
+                        "--embeddings", f"{gw.mocks[18004].base}/v1/embeddings", "--model", "text-embedding-3-small",
+                        "--reset", str(CORPUS)], check=True, capture_output=True, text=True, timeout=120)
+        print(f"rag: loaded {CORPUS.relative_to(ROOT)} into Chroma collection french-cheeses")
         tour(gw, alice, bob)
         print(f"\n{BOLD}Try it yourself:{RESET}\n  export ALICE_TOKEN={alice}\n"
               f"  curl -s {gw.base}/v1/chat/completions -H \"authorization: Bearer $ALICE_TOKEN\" "
@@ -218,6 +279,8 @@ def main() -> int:
             gw.stop()
         if jwks:
             jwks.shutdown()
+        if chroma:
+            chroma.stop()
 
 
 if __name__ == "__main__":

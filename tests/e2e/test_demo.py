@@ -1,4 +1,5 @@
 """The README's demo command works end to end (tour only, free ports)."""
+import re
 import subprocess
 import sys
 
@@ -22,3 +23,16 @@ def test_demo_tour_runs():
     assert "You are the ACME assistant. You answer for alice of team dev." in out  # enrichment
     assert "gen_ai_client_token_usage{" in out                               # usage-metrics
     assert '"user": "alice"' in out                                          # access log hand-off
+    # semantic-cache: a miss, then the same prompt from the cache (exact tier) without a
+    # provider call and faster, then a paraphrase from the semantic tier.
+    miss = re.search(r"▶ semantic-cache: a new prompt is a miss.*?x-sluice-cache: miss.*?: (\d+) ms;", out, re.S)
+    assert miss, out
+    hit = re.search(r"▶ semantic-cache: the same prompt again.*?HTTP 200  x-sluice-cache: hit-exact\n.*?"
+                    r"answered from the cache in (\d+) ms: time saved (\d+) ms; provider calls since: 0", out, re.S)
+    assert hit, out
+    miss_ms, hit_ms, saved_ms = int(miss.group(1)), int(hit.group(1)), int(hit.group(2))
+    assert miss_ms >= 400 > hit_ms and saved_ms >= 300, (miss_ms, hit_ms, saved_ms)   # the provider took 400 ms
+    assert re.search(r"▶ semantic-cache: a paraphrase.*?HTTP 200  x-sluice-cache: hit-semantic; distance=0\.\d+", out, re.S), out
+    # rag: the french-cheeses passage reached the provider in a system message.
+    rag = re.search(r"▶ rag: .*?the provider received a system message with the retrieved passage: (.*?)\n", out, re.S)
+    assert rag and "[french-cheeses.md]" in rag.group(1) and "between 1,000 and 1,600 varieties" in rag.group(1), out

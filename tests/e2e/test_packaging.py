@@ -9,7 +9,7 @@ offline as far as it can be, and the compose demo's envoy.yaml is run for real:
 * the compose file passes `docker-compose config -q`, its mounts/hostnames map onto the
   harness explicitly (COMPOSE_HOSTS), and its envoy.yaml serves the README's request tour;
 * the Istio manifests, translated into Envoy configuration the way Istio's pilot builds it,
-  serve real traffic (and an xfail test records the allow_on_headers_stop_iteration gap);
+  serve real traffic in both installs (the WasmPlugin-only one through hold_headers: false);
 * scripts/oci-build.sh --dry-run prints one correct build per filter; scripts/dist.sh writes
   each .wasm, its sha256 and a reproducible examples tarball.
 """
@@ -40,7 +40,11 @@ WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 # How the compose envoy.yaml maps onto the test harness: compose service hostnames and the
 # container's any-address become 127.0.0.1 (the harness then gives every port a free one).
 # test_compose_mapping_is_complete keeps this table equal to what the files say.
-COMPOSE_HOSTS = {"mock-openai": "127.0.0.1", "mock-local": "127.0.0.1", "0.0.0.0": "127.0.0.1"}
+COMPOSE_HOSTS = {"mock-openai": "127.0.0.1", "mock-local": "127.0.0.1", "jaeger": "127.0.0.1",
+                 "0.0.0.0": "127.0.0.1"}
+# Compose services that are not mock providers: the port envoy.yaml reaches them on, which
+# their image serves (no --port flag to read it from) and the compose file publishes.
+COMPOSE_SERVICE_PORTS = {"jaeger": "4317"}
 # Compose mounts the repo's wasm directory at the same relative path under working_dir.
 COMPOSE_WORKDIR = "/sluice"
 WASM_REL = "target/wasm32-wasip1/release"
@@ -286,23 +290,49 @@ def example_config(source: str) -> dict:
     raise AssertionError(f"{source}: no wasm filter config named {name!r}")
 
 
+# The recommended request order (filters/gateway/README.md, examples/istio/*.yaml headers):
+# auth -> prompt-enrichment -> prompt-guard -> semantic-cache -> rag -> token-ratelimit ->
+# usage-metrics -> model-failover (downstream role, nearest the router).
+ISTIO_ORDER = ["auth", "prompt-enrichment", "prompt-guard", "semantic-cache", "rag", "token-ratelimit",
+               "usage-metrics", "model-failover"]
+# Filters that read the request body before it goes upstream: behind a WasmPlugin (no
+# allow_on_headers_stop_iteration) they must not hold the request headers.
+BODY_READERS = {"prompt-enrichment", "prompt-guard", "semantic-cache", "rag", "token-ratelimit"}
+# Observational or optional-augmentation filters fail open; the rest reload a trapped VM.
+FAIL_OPEN = {"usage-metrics", "semantic-cache", "rag"}
+
+
 def test_istio_phases_and_failure_strategies():
-    """The ordering and failure decisions the README documents."""
+    """The ordering and failure decisions the README and the manifests document."""
+    # The composed gateway is every filter as one module, not a filter of its own: the
+    # per-filter installs cover each filter it composes.
+    assert set(ISTIO_ORDER) == set(FILTERS) - {"gateway"}, FILTERS
     plugins = {d["metadata"]["labels"]["sluice.io/filter"]: d["spec"] for _, d in istio_docs()
                if d["kind"] == "WasmPlugin"}
-    # Every filter has its Istio piece (model-failover: downstream here, upstream EnvoyFilter).
-    assert set(plugins) >= set(FILTERS), sorted(plugins)
-    expect_phase = {"auth": "AUTHN", "token-ratelimit": "AUTHZ", "prompt-guard": "AUTHZ",
-                    "prompt-enrichment": "AUTHZ", "usage-metrics": "STATS", "model-failover": "STATS"}
+    # Every filter has its WasmPlugin (model-failover: downstream here, upstream EnvoyFilter).
+    assert set(plugins) == set(ISTIO_ORDER), sorted(plugins)
+    phase = lambda f: "AUTHN" if f == "auth" else "STATS" if f in ("usage-metrics", "model-failover") else "AUTHZ"  # noqa: E731
     for filt, spec in plugins.items():
-        assert spec["phase"] == expect_phase[filt], filt
-        # As in the Envoy examples: observational filters fail open, the rest reload.
-        assert spec["failStrategy"] == ("FAIL_OPEN" if filt == "usage-metrics" else "FAIL_RELOAD"), filt
-    # Within AUTHZ: rate limit, then guard (sees the client's text), then enrichment; within
-    # STATS: usage-metrics, then model-failover's downstream role (nearest the router).
-    assert plugins["token-ratelimit"]["priority"] > plugins["prompt-guard"]["priority"] \
-        > plugins["prompt-enrichment"]["priority"]
-    assert plugins["usage-metrics"]["priority"] > plugins["model-failover"]["priority"]
+        assert spec["phase"] == phase(filt), filt
+        assert spec["failStrategy"] == ("FAIL_OPEN" if filt in FAIL_OPEN else "FAIL_RELOAD"), filt
+        # WasmPlugin cannot set allow_on_headers_stop_iteration: body readers use hold_headers.
+        assert (spec.get("pluginConfig", {}).get("hold_headers") is False) == (filt in BODY_READERS), filt
+    # Envoy's chain order of the WasmPlugin-only install: phase, then higher priority first.
+    chain = sorted(plugins, key=lambda f: (ISTIO_PHASES[plugins[f]["phase"]], -plugins[f]["priority"]))
+    assert chain == ISTIO_ORDER, chain
+
+    # The default install: EnvoyFilters each INSERT_BEFORE the router, applied in ascending
+    # priority, so ascending priority is the request order after the auth WasmPlugin.
+    envoyfilters = {d["metadata"]["labels"]["sluice.io/filter"]: d for p, d in istio_docs()
+                    if d["kind"] == "EnvoyFilter" and p.name == "body-filters.yaml"}
+    assert sorted(envoyfilters, key=lambda f: envoyfilters[f]["spec"]["priority"]) == ISTIO_ORDER[1:]
+    for filt, d in envoyfilters.items():
+        (cp,) = d["spec"]["configPatches"]
+        assert cp["patch"]["operation"] == "INSERT_BEFORE", filt
+        cfg = cp["patch"]["value"]["typed_config"]["config"]
+        assert cfg["failure_policy"] == ("FAIL_OPEN" if filt in FAIL_OPEN else "FAIL_RELOAD"), filt
+        # Here Envoy's option holds the headers, so the filters keep their default.
+        assert "hold_headers" not in json.loads(cfg["configuration"]["value"]), filt
 
 
 # ---------------------------------------------------------------- Istio, run in Envoy
@@ -474,17 +504,23 @@ def test_istio_default_install_serves_traffic_in_envoy(gateway, workdir, jwks):
     assert openai.models_seen() == ["gpt-4o", "gpt-4.0-turbo", "gpt-3.5-turbo"]
 
 
-@pytest.mark.xfail(strict=True, raises=requests.exceptions.ReadTimeout, reason="token-ratelimit, prompt-guard and prompt-enrichment hold the request "
-                   "headers while reading the body, which needs allow_on_headers_stop_iteration: true; Istio's "
-                   "WasmPlugin cannot set it, so through WasmPlugin their requests hang (examples/istio/README.md)")
 def test_istio_wasmplugin_only_install_serves_traffic_in_envoy(gateway, workdir, jwks):
-    """wasmplugins-body.yaml instead of body-filters.yaml. When this starts passing (XPASS is
-    a failure here), the gap is closed: make it the default install and drop the marker."""
+    """wasmplugins-body.yaml instead of body-filters.yaml: every filter a WasmPlugin, so no
+    allow_on_headers_stop_iteration; the body readers run with "hold_headers": false and the
+    requests that once hung here are served, refused and enriched like in the default install."""
     gw = start_istio_gateway(gateway, workdir, jwks, "wasmplugins")
+    openai = gw.mocks[18001]
     alice = {"authorization": "Bearer " + jwks.token("alice", "dev", {"org": "solo.io"}, iss="solo.io")}
-    # A hang, not a slow answer: the mocks answer in milliseconds; 3 s only bounds the wait.
-    r = gw.post(json_body=chat("hi", model="gpt-4o", max_tokens=40), headers=alice, timeout=3)
-    assert r.status_code == 200
+    assert gw.post(json_body=chat("hi", model="gpt-4o", max_tokens=40)).status_code == 401
+    # A hang would be a timeout: the mocks answer in milliseconds; 5 s only bounds the wait.
+    r = gw.post(json_body=chat("Jane Doe, 42, Berlin", model="gpt-4o", max_tokens=40), headers=alice, timeout=5)
+    assert r.status_code == 200, r.text
+    seen = openai.log()[-1]
+    assert seen["body"]["messages"][0]["role"] == "system" and "CSV" in seen["body"]["messages"][0]["content"]
+    assert seen["headers"].get("authorization") == "Bearer sk-istio-test"
+    assert r.headers.get("x-ratelimit-limit-tokens") == "150"
+    r = gw.post(json_body=chat("my credit card", model="gpt-4o", max_tokens=40), headers=alice, timeout=5)
+    assert r.status_code == 403, r.text
 
 
 # ---------------------------------------------------------------- Docker Compose
@@ -536,7 +572,11 @@ def test_compose_mapping_is_complete():
         if host == "0.0.0.0":
             continue
         assert host in services, f"{host} is not a compose service"
-        assert mock_flags(services[host])["port"] == port, host
+        if host in COMPOSE_SERVICE_PORTS:
+            assert COMPOSE_SERVICE_PORTS[host] == port, host
+            assert f"127.0.0.1:{port}:{port}" in services[host]["ports"], host
+        else:
+            assert mock_flags(services[host])["port"] == port, host
 
 
 def mock_flags(service: dict) -> dict:
@@ -566,6 +606,55 @@ def render_compose_envoy(dest: Path) -> Path:
         assert n > 0, host
     dest.write_text(text)
     return dest
+
+
+def filter_metric_names() -> set[str]:
+    """Every metric name a sluice filter defines (its `pub const NAME: &str = "..."`)."""
+    names = set()
+    for src in (ROOT / "filters").glob("*/src/*.rs"):
+        names |= set(re.findall(r'pub const [A-Z_]+: &str = "((?:gen_ai|sluice)_[a-z_]+)";', src.read_text()))
+    return names
+
+
+def test_dashboard_panels_use_only_metrics_the_filters_define():
+    """Every Prometheus series the compose dashboard queries is a sluice filter's metric (or
+    Envoy's own envoy_*): a renamed metric cannot leave an empty panel behind."""
+    dash = json.loads((ROOT / "examples/usage-metrics/grafana-dashboard.json").read_text())
+    defined = filter_metric_names()
+    assert {"sluice_usage_cost_micros", "sluice_cache_hits", "sluice_cache_saved_tokens"} <= defined, defined
+    used = set()
+    for panel in dash["panels"]:
+        for t in panel.get("targets", []):
+            for m in re.findall(r"\b((?:gen_ai|sluice|envoy)_[a-z_]+)(?=\s*[{\[])", t["expr"]):
+                used.add(re.sub(r"_(bucket|sum|count)$", "", m) if m not in defined else m)
+    unknown = {m for m in used if not m.startswith("envoy_") and m not in defined}
+    assert not unknown, f"dashboard metrics no filter defines: {sorted(unknown)}"
+    # The issue-18 panels: cost, cached/reasoning tokens, semantic cache hits and savings.
+    text = json.dumps(dash)
+    for needle in ("sluice_usage_cost_micros", "cached_input", "reasoning", "sluice_cache_hits",
+                   "sluice_cache_misses", "sluice_cache_saved_tokens", "sluice_cache_lookup_us_bucket"):
+        assert needle in text, needle
+
+
+def test_compose_provisions_the_trace_backend():
+    """Envoy's tracer exports to the jaeger service (OTLP/gRPC enabled), Grafana reads it."""
+    services = compose()["services"]
+    assert services["jaeger"]["environment"]["COLLECTOR_OTLP_ENABLED"] == "true"
+    assert "jaeger" in services["envoy"]["depends_on"] and "jaeger" in services["grafana"]["depends_on"]
+    doc = yaml.safe_load((ROOT / COMPOSE_ENVOY).read_text())
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    provider = hcm["tracing"]["provider"]
+    assert provider["name"] == "envoy.tracers.opentelemetry"
+    cluster = provider["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+    (c,) = [c for c in doc["static_resources"]["clusters"] if c["name"] == cluster]
+    assert "http2_protocol_options" in json.dumps(c)              # gRPC
+    # The same gen_ai span attributes as the demo gateway (envoy/envoy.yaml, tested in tests/otlp).
+    demo = yaml.safe_load((ROOT / "envoy/envoy.yaml").read_text())
+    demo_hcm = demo["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["tracing"]["custom_tags"] == demo_hcm["tracing"]["custom_tags"]
+    sources = yaml.safe_load((COMPOSE_DIR / "grafana/provisioning/datasources/jaeger.yaml").read_text())
+    (ds,) = sources["datasources"]
+    assert ds["type"] == "jaeger" and ds["url"] == "http://jaeger:16686"
 
 
 def test_compose_envoy_yaml_serves_the_readme_tour(gateway, workdir):

@@ -650,7 +650,9 @@ def test_demo_gateway_charges_an_uncapped_stream_its_usage(gateway, workdir):
 
         def probe() -> int:
             """Tokens left before this probe (it reserves exactly what it uses)."""
-            r = gw.post(json_body=chat("hello there", max_tokens=40), headers={**auth, "x-mock-words": "40"})
+            # no-store: the demo's semantic cache would answer the repeated probe (uncharged).
+            r = gw.post(json_body=chat("hello there", max_tokens=40),
+                        headers={**auth, "x-mock-words": "40", "cache-control": "no-store"})
             assert r.status_code == 200, r.text
             return int(r.headers["x-ratelimit-remaining-tokens"]) + r.json()["usage"]["total_tokens"]
 
