@@ -21,8 +21,16 @@ const ENVOY_YAML: &str = include_str!("../../../envoy/envoy.yaml");
 
 /// The stages the demo composes, in order (a stage added to the demo fails here first: then
 /// measure again and set the budgets below).
-const DEMO_STAGES: &[&str] =
-    &["auth", "prompt_enrichment", "prompt_guard", "token_ratelimit", "usage_metrics", "model_failover"];
+const DEMO_STAGES: &[&str] = &[
+    "auth",
+    "prompt_enrichment",
+    "prompt_guard",
+    "semantic_cache",
+    "rag",
+    "token_ratelimit",
+    "usage_metrics",
+    "model_failover",
+];
 
 /// The test caller's API key (the demo's callers carry RS256 JWTs from a JWKS served over a
 /// callout; an API key with the same claims admits the same identity without one).
@@ -108,7 +116,11 @@ fn host(vm: &FakeHost, body: &[u8]) -> CountingHost<FakeHost> {
         "xds/route_metadata".into(),
         test_encode_metadata(
             "sluice",
-            &json!({"provider": "openai", "default_model": "gpt-4o-mini", "ratelimit": "standard"}),
+            // The demo's `chat` route, with the cache switched off and no RAG collection (as
+            // on its `budget` route): their embeddings and store callouts are budgeted in their
+            // own crates' tests; what the two stages cost when a route does not use them is
+            // counted here.
+            &json!({"provider": "openai", "default_model": "gpt-4o-mini", "ratelimit": "standard", "semantic_cache": false}),
         ),
     );
     h.time = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(NOW));
@@ -220,7 +232,7 @@ const ANSWER: &str = r#"{"id":"chatcmpl-1","object":"chat.completion","model":"g
 #[test]
 fn demo_config_is_read_from_envoy_yaml() {
     let doc = demo_config();
-    assert_eq!(doc["stages"][4]["usage_metrics"]["inject_include_usage"], true);
+    assert_eq!(doc["stages"][6]["usage_metrics"]["inject_include_usage"], true);
     let env = |_: &str| None;
     let names: Vec<&str> = assemble(doc.to_string().as_bytes(), &env).unwrap().iter().map(|p| p.name()).collect();
     assert_eq!(names.len(), DEMO_STAGES.len(), "{names:?}");
@@ -285,8 +297,9 @@ fn stream(vm: &Vm, prev: &FakeHost) -> CountingHost<FakeHost> {
 /// created (2). No single-header reads, no filter state read back, no callouts, no foreign
 /// calls.
 ///
-/// Filter-state writes (no value returned, not in the total, but each a host call): 21 —
-/// auth 6 (identity, auth_method, user, team, key_id, claim.org), model-failover 1
+/// Filter-state writes (no value returned, not in the total, but each a host call): 22 —
+/// auth 6 (identity, auth_method, user, team, key_id, claim.org), semantic-cache 1 (cache:
+/// skip), model-failover 1
 /// (failover_downstream), prompt-guard 1 (guard), token-ratelimit 1 (ratelimit), the
 /// pipeline 2 (model, usage), usage-metrics 10 (operation, input/output/total/cached
 /// input/reasoning tokens, usage_estimated, response_model, ttft_ms, provider).
@@ -303,7 +316,7 @@ fn host_call_budget_of_a_chat_request() {
     assert_eq!(h.count(CallKind::SharedData), 2, "the counter to reserve and to settle");
     assert_eq!((h.count(CallKind::Callout), h.count(CallKind::Foreign)), (0, 0));
     assert_eq!(h.property_reads.borrow().as_slice(), PROPERTY_READS, "{}", reads(&h));
-    assert_eq!(h.writes(), 21, "filter-state writes: {:?}", h.property_writes.borrow());
+    assert_eq!(h.writes(), 22, "filter-state writes: {:?}", h.property_writes.borrow());
 }
 
 /// The properties a steady-state request reads: the route name, then (usage-metrics) what the
@@ -313,7 +326,7 @@ const PROPERTY_READS: &[&str] = &["xds.route_name", "sluice.provider", "sluice.u
 /// The same for a stream: 11 in steady state (15 for the first request of a VM). As the
 /// chat request, except the response body: one read per network chunk (3 here; the events
 /// split across them are carried by the parser, never re-read), nothing buffered. Writes:
-/// 22, the chat request's plus usage-metrics' `tpot_ms`.
+/// 23, the chat request's plus usage-metrics' `tpot_ms`.
 #[test]
 fn host_call_budget_of_a_stream() {
     let vm = Vm::new();
@@ -327,5 +340,5 @@ fn host_call_budget_of_a_stream() {
     assert_eq!(h.count(CallKind::SharedData), 2, "the counter to reserve and to settle");
     assert_eq!((h.count(CallKind::Callout), h.count(CallKind::Foreign)), (0, 0));
     assert_eq!(h.property_reads.borrow().as_slice(), PROPERTY_READS, "{}", reads(&h));
-    assert_eq!(h.writes(), 22, "filter-state writes: {:?}", h.property_writes.borrow());
+    assert_eq!(h.writes(), 23, "filter-state writes: {:?}", h.property_writes.borrow());
 }
