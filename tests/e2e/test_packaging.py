@@ -40,11 +40,14 @@ WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 # How the compose envoy.yaml maps onto the test harness: compose service hostnames and the
 # container's any-address become 127.0.0.1 (the harness then gives every port a free one).
 # test_compose_mapping_is_complete keeps this table equal to what the files say.
-COMPOSE_HOSTS = {"mock-openai": "127.0.0.1", "mock-local": "127.0.0.1", "jaeger": "127.0.0.1",
-                 "0.0.0.0": "127.0.0.1"}
+COMPOSE_HOSTS = {"mock-openai": "127.0.0.1", "mock-local": "127.0.0.1", "mock-embeddings": "127.0.0.1",
+                 "chroma": "127.0.0.1", "jaeger": "127.0.0.1", "0.0.0.0": "127.0.0.1"}
 # Compose services that are not mock providers: the port envoy.yaml reaches them on, which
 # their image serves (no --port flag to read it from) and the compose file publishes.
-COMPOSE_SERVICE_PORTS = {"jaeger": "4317"}
+# chroma runs locally as harness.Chroma (`chroma run`, the same server as the image).
+COMPOSE_SERVICE_PORTS = {"jaeger": "4317", "chroma": "8000"}
+# The compose services that run the mock provider image (their command is its flags).
+COMPOSE_MOCKS = ("mock-openai", "mock-local", "mock-embeddings")
 # Compose mounts the repo's wasm directory at the same relative path under working_dir.
 COMPOSE_WORKDIR = "/sluice"
 WASM_REL = "target/wasm32-wasip1/release"
@@ -347,7 +350,9 @@ def test_istio_phases_and_failure_strategies():
 # 127.0.0.1, no Istio-internal filters. WasmPlugin has no allow_on_headers_stop_iteration field,
 # so the faithful translation leaves it unset.
 
-ISTIO_ENDPOINTS = {"api.openai.com": 18001, "idp.example.com": 18100}
+# retrieval.yaml's hosts get ports nothing listens on here: semantic-cache and rag fail open.
+ISTIO_ENDPOINTS = {"api.openai.com": 18001, "idp.example.com": 18100, "embeddings.example.com": 18004,
+                   "chroma.example.com": 18003}
 ISTIO_PHASES = {"AUTHN": 0, "AUTHZ": 1, "STATS": 2, "UNSPECIFIED_PHASE": 3}
 ISTIO_FAILURE = {"FAIL_CLOSE": "FAIL_CLOSED", "FAIL_OPEN": "FAIL_OPEN", "FAIL_RELOAD": "FAIL_RELOAD"}
 ENVOYFILTER_WASM_DIR = "/var/lib/sluice/"      # gateway.yaml's ConfigMap mount
@@ -442,6 +447,12 @@ def istio_as_envoy(install: str) -> dict:
             elif cp["applyTo"] == "VIRTUAL_HOST":
                 assert cp["patch"]["operation"] == "MERGE", cp
                 merge(vhost, value)
+            elif cp["applyTo"] == "HTTP_ROUTE":
+                # Istio names each Envoy route after its VirtualService http route.
+                assert cp["patch"]["operation"] == "MERGE", cp
+                name = cp["match"]["routeConfiguration"]["vhost"]["route"]["name"]
+                (route,) = [r for r in routes if r["name"] == name]
+                merge(route, value)
             else:
                 raise AssertionError(f"translation does not know applyTo {cp['applyTo']}")
     # Each sluice filter exactly once in the connection manager (no install applies both a
@@ -460,6 +471,32 @@ def istio_as_envoy(install: str) -> dict:
                                 "stat_prefix": "gateway", "route_config": {"virtual_hosts": [vhost]},
                                 "http_filters": filters}}]}]}],
             "clusters": list(clusters.values())}}
+
+
+def test_istio_retrieval_clusters_are_service_entries():
+    """Every cluster semantic-cache and rag call (embeddings, store), in both installs, is the
+    name Istio gives a ServiceEntry port (`outbound|<port>||<host>`), with the host as the
+    authority; rag's route metadata reaches the chat route in the translated configuration."""
+    entries = {f"outbound|{port['number']}||{host}": host for _, d in istio_docs() if d["kind"] == "ServiceEntry"
+               for host in d["spec"]["hosts"] for port in d["spec"]["ports"]}
+    seen = 0
+    for install in ISTIO_ONLY_WITHOUT:
+        for f in istio_as_envoy(install)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+                "typed_config"]["http_filters"]:
+            cfg = f["typed_config"].get("config", {})
+            filename = cfg.get("vm_config", {}).get("code", {}).get("local", {}).get("filename", "")
+            if not re.search(r"sluice_(semantic_cache|rag)\.wasm$", filename):
+                continue
+            conf = json.loads(cfg["configuration"]["value"])
+            for part in ("embeddings", "store"):
+                seen += 1
+                assert conf[part]["cluster"] in entries, (install, filename, conf[part])
+                assert conf[part]["authority"] == entries[conf[part]["cluster"]], (install, filename, conf[part])
+        routes = istio_as_envoy(install)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0][
+            "typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+        (chat_route,) = [r for r in routes if r["name"] == "chat"]
+        assert chat_route["metadata"]["filter_metadata"]["sluice"]["rag"]["collection"] == "french-cheeses"
+    assert seen == 8, seen
 
 
 @pytest.fixture
@@ -577,6 +614,14 @@ def test_compose_mapping_is_complete():
             assert f"127.0.0.1:{port}:{port}" in services[host]["ports"], host
         else:
             assert mock_flags(services[host])["port"] == port, host
+    # The one-shot rag-load service runs the repo's script on the repo's corpus, each mounted
+    # at its own relative path under working_dir: the test runs the same command from ROOT.
+    loader = services["rag-load"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in loader["volumes"]}
+    for rel in (loader["command"][0], loader["command"][-1]):
+        src = mounts[f"{loader['working_dir']}/{rel}"]
+        assert (COMPOSE_DIR / src).resolve() == ROOT / rel, rel
+    assert set(loader["depends_on"]) == {"chroma", "mock-embeddings"}
 
 
 def mock_flags(service: dict) -> dict:
@@ -657,16 +702,38 @@ def test_compose_provisions_the_trace_backend():
     assert ds["type"] == "jaeger" and ds["url"] == "http://jaeger:16686"
 
 
-def test_compose_envoy_yaml_serves_the_readme_tour(gateway, workdir):
+def run_compose_loader(service: dict, local: dict[str, str]) -> str:
+    """The rag-load service's command, run from the repo root (test_compose_mapping_is_complete
+    checks its mounts match), with each compose service URL replaced by the local server's."""
+    args = []
+    for arg in service["command"]:
+        for url, base in local.items():
+            arg = arg.replace(url, base)
+        assert not re.search(r"http://(?!127\.0\.0\.1)", arg), f"unmapped service URL: {arg}"
+        args.append(arg)
+    r = subprocess.run([str(ROOT / args[0]), *args[1:]], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_compose_envoy_yaml_serves_the_readme_tour(gateway, workdir, chroma):
     """The compose demo's own envoy.yaml (hostnames mapped to 127.0.0.1) with mocks started
-    from the compose commands: every step of the README's tour, real traffic."""
+    from the compose commands, Chroma as `chroma run` and the rag-load service's command run
+    locally: every step of the README's tour, real traffic."""
     services = compose()["services"]
     mocks = {}
-    for name in ("mock-openai", "mock-local"):
+    for name in COMPOSE_MOCKS:
         flags = mock_flags(services[name])
         mocks[int(flags.pop("port"))] = {k.replace("-", "_"): v for k, v in flags.items()}
-    gw = gateway(str(render_compose_envoy(workdir / "compose-envoy.yaml")), mocks=mocks)
+    store = chroma()
+    gw = gateway(str(render_compose_envoy(workdir / "compose-envoy.yaml")), mocks=mocks,
+                 ports={int(COMPOSE_SERVICE_PORTS["chroma"]): store.port})
     openai, local = gw.mocks[18001], gw.mocks[18002]
+    loaded = run_compose_loader(services["rag-load"], {
+        f"http://chroma:{COMPOSE_SERVICE_PORTS['chroma']}": store.base,
+        **{f"http://{name}:{mock_flags(services[name])['port']}": gw.mocks[int(mock_flags(services[name])["port"])].base
+           for name in COMPOSE_MOCKS}})
+    assert "collection french-cheeses" in loaded and store.count("french-cheeses") > 0, loaded
 
     def key(user: str) -> dict:
         return {"authorization": f"Bearer sk-sluice-{user}"}
@@ -689,6 +756,18 @@ def test_compose_envoy_yaml_serves_the_readme_tour(gateway, workdir):
     assert "[EMAIL]" in json.dumps(sent) and "bob@example.com" not in json.dumps(sent)
     assert "sk-sluice-carol" not in json.dumps(seen["headers"])
     assert r.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert r.headers["x-sluice-cache"] == "miss"
+
+    # 1b. The same request again: answered by the semantic cache (exact tier), no provider call,
+    #     the same answer, no token budget charged.
+    # (The exact tier is written in the response callback: the very next request can hit.)
+    calls = len(openai.log())
+    again = gw.post(json_body=chat("Write to me at bob@example.com"), headers=key("carol"))
+    assert again.status_code == 200, again.text
+    assert again.headers["x-sluice-cache"] == "hit-exact"
+    assert len(openai.log()) == calls and local.log() == []
+    assert again.json()["choices"][0]["message"]["content"] == r.json()["choices"][0]["message"]["content"]
+    assert "x-ratelimit-limit-tokens" not in again.headers
 
     # 2. Streamed (SSE): usage-metrics asked the provider for a usage chunk and hid it from
     #    the client, who did not ask for one.
@@ -714,15 +793,28 @@ def test_compose_envoy_yaml_serves_the_readme_tour(gateway, workdir):
     assert r.json()["error"]["message"] == "Rejected due to inappropriate content"
 
     # 5. Token budget (per user, from auth): alice is refused within a few requests, bob passes.
+    #    cache-control: no-store, or the cache would answer alice's repeats itself, uncharged.
     statuses = []
     for _ in range(12):
-        r = gw.post(json_body=chat("x" * 40, max_tokens=40), headers=key("alice"))
+        r = gw.post(json_body=chat("x" * 40, max_tokens=40), headers={**key("alice"), "cache-control": "no-store"})
         statuses.append(r.status_code)
         if r.status_code == 429:
             break
     assert statuses[-1] == 429 and statuses[0] == 200, statuses
     assert r.json()["error"]["code"] == "rate_limit_exceeded"
     assert gw.post(json_body=chat("hi"), headers=key("bob")).status_code == 200
+
+    # 5b. RAG: a question the french-cheeses collection answers; the provider received the
+    #     retrieved passage in a system message (bob: carol's and alice's minute budgets are
+    #     spent; max_tokens keeps the reservation, passages included, inside bob's).
+    r = gw.post(json_body=chat("How many varieties of cheese are there in France?", max_tokens=40),
+                headers=key("bob"))
+    assert r.status_code == 200, r.text
+    assert r.headers["x-mock-provider"] == "openai"
+    added = [m["content"] for m in openai.log()[-1]["body"]["messages"]
+             if m["role"] == "system" and "passages" in m["content"]]
+    assert len(added) == 1, openai.log()[-1]["body"]["messages"]
+    assert "[french-cheeses.md]" in added[0] and "between 1,000 and 1,600 varieties" in added[0], added
 
     # 6. Usage metrics reach Prometheus format with provider and model labels; the access log
     #    has the user.

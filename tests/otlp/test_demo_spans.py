@@ -30,6 +30,26 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def demo_price(model: str) -> dict:
+    """The usage_metrics stage's price entry for `model` in the demo config (first match,
+    `prefix*` patterns as the filter matches them)."""
+    import json
+    import yaml
+
+    doc = yaml.safe_load((demo.ROOT / demo.CONFIG).read_text())
+    http_filters = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+        "http_filters"]
+    (gateway,) = [f for f in http_filters if f["name"] == "sluice.gateway"]
+    stages = json.loads(gateway["typed_config"]["config"]["configuration"]["value"])["stages"]
+    (metrics,) = [s["usage_metrics"] for s in stages if "usage_metrics" in s]
+    assert metrics["currency"] == "USD"
+    for p in metrics["prices"]:
+        pat = p["model"]
+        if model == pat or (pat.endswith("*") and model.startswith(pat[:-1])):
+            return p
+    raise AssertionError(f"the demo's price table has no {model}")
+
+
 @pytest.fixture
 def demo_gw(tmp_path):
     keys = tmp_path / "keys"
@@ -90,6 +110,10 @@ def test_demo_gateway_emits_gen_ai_spans(demo_gw):
     # Input tokens are the provider's count (11), not the estimate.
     assert s["gen_ai.usage.input_tokens"] == 11 and s["sluice.usage.estimated"] is False
     assert isinstance(s["sluice.ttft_ms"], float)
+    # Cost (issue 18): the successful attempt's usage (11 in, 7 out) at the demo's price for
+    # the model that answered, qwen-0.5b (0.10 / 0.30 USD per million: 3.2 micro-USD, rounded).
+    price = demo_price("qwen-0.5b")
+    assert s["sluice.cost_micros"] == round(11 * price["input"] + 7 * price["output"]) == 3
     assert s["http.status_code"] == "200"
     # The caller is opt-in: not tagged by the demo config.
     assert "sluice.user" not in s

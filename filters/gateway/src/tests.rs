@@ -297,12 +297,13 @@ fn stream(vm: &Vm, prev: &FakeHost) -> CountingHost<FakeHost> {
 /// created (2). No single-header reads, no filter state read back, no callouts, no foreign
 /// calls.
 ///
-/// Filter-state writes (no value returned, not in the total, but each a host call): 22 —
+/// Filter-state writes (no value returned, not in the total, but each a host call): 23 —
 /// auth 6 (identity, auth_method, user, team, key_id, claim.org), semantic-cache 1 (cache:
 /// skip), model-failover 1
 /// (failover_downstream), prompt-guard 1 (guard), token-ratelimit 1 (ratelimit), the
-/// pipeline 2 (model, usage), usage-metrics 10 (operation, input/output/total/cached
-/// input/reasoning tokens, usage_estimated, response_model, ttft_ms, provider).
+/// pipeline 2 (model, usage), usage-metrics 11 (operation, input/output/total/cached
+/// input/reasoning tokens, usage_estimated, response_model, ttft_ms, cost, provider; cost
+/// because the demo's price table prices gpt-4o-mini).
 #[test]
 fn host_call_budget_of_a_chat_request() {
     let vm = Vm::new();
@@ -316,7 +317,7 @@ fn host_call_budget_of_a_chat_request() {
     assert_eq!(h.count(CallKind::SharedData), 2, "the counter to reserve and to settle");
     assert_eq!((h.count(CallKind::Callout), h.count(CallKind::Foreign)), (0, 0));
     assert_eq!(h.property_reads.borrow().as_slice(), PROPERTY_READS, "{}", reads(&h));
-    assert_eq!(h.writes(), 22, "filter-state writes: {:?}", h.property_writes.borrow());
+    assert_eq!(h.writes(), 23, "filter-state writes: {:?}", h.property_writes.borrow());
 }
 
 /// The properties a steady-state request reads: the route name, then (usage-metrics) what the
@@ -326,7 +327,7 @@ const PROPERTY_READS: &[&str] = &["xds.route_name", "sluice.provider", "sluice.u
 /// The same for a stream: 11 in steady state (15 for the first request of a VM). As the
 /// chat request, except the response body: one read per network chunk (3 here; the events
 /// split across them are carried by the parser, never re-read), nothing buffered. Writes:
-/// 23, the chat request's plus usage-metrics' `tpot_ms`.
+/// 24, the chat request's plus usage-metrics' `tpot_ms`.
 #[test]
 fn host_call_budget_of_a_stream() {
     let vm = Vm::new();
@@ -340,5 +341,5 @@ fn host_call_budget_of_a_stream() {
     assert_eq!(h.count(CallKind::SharedData), 2, "the counter to reserve and to settle");
     assert_eq!((h.count(CallKind::Callout), h.count(CallKind::Foreign)), (0, 0));
     assert_eq!(h.property_reads.borrow().as_slice(), PROPERTY_READS, "{}", reads(&h));
-    assert_eq!(h.writes(), 23, "filter-state writes: {:?}", h.property_writes.borrow());
+    assert_eq!(h.writes(), 24, "filter-state writes: {:?}", h.property_writes.borrow());
 }
